@@ -1,0 +1,7 @@
+"""``python -m parall_bridge``: see :mod:`parall_bridge.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""Shared fixtures: the emulator, an agent account, and clients with fast retries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from parall_bridge import ParallClient, RetryPolicy
+from parall_bridge.testing import AgentAccount, FakeParallServer
+
+FAST_RETRY = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, jitter=0.01, max_retry_after=2.0)
+"""Retries as the defaults, with delays short enough for tests."""
+
+
+@pytest_asyncio.fixture
+async def server() -> AsyncIterator[FakeParallServer]:
+    """A started emulator."""
+    async with FakeParallServer(org_id="org_test") as fake:
+        yield fake
+
+
+@pytest.fixture
+def agent(server: FakeParallServer) -> AgentAccount:
+    """An agent account with its API key."""
+    return server.add_agent("Bot", api_key="pk_test_secret_key_0123456789")
+
+
+@pytest_asyncio.fixture
+async def client(server: FakeParallServer, agent: AgentAccount) -> AsyncIterator[ParallClient]:
+    """A client of the agent's key, with fast retries."""
+    async with ParallClient(server.url, agent.api_key, retry=FAST_RETRY, timeout=5.0) as c:
+        yield c
+
+
+@pytest.fixture
+def all_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Every log record of every logger at DEBUG."""
+    caplog.set_level(logging.DEBUG)
+    return caplog
+
+
+def library_tasks(before: set[asyncio.Task[object]] | None = None) -> set[asyncio.Task[object]]:
+    """Pending tasks started by the library (not the emulator's, not the test's own):
+    every task the library creates is named ``parall-...``."""
+    return {
+        task
+        for task in asyncio.all_tasks()
+        if not task.done()
+        and task.get_name().startswith("parall-")
+        and (before is None or task not in before)
+    }
