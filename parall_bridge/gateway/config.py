@@ -1,0 +1,178 @@
+"""``GatewayConfig``: who the gateway runs as, and its tunables."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, Final, Self
+
+import attrs
+from yarl import URL
+
+from ..errors import ConfigurationError
+
+__all__ = ["GatewayConfig"]
+
+ENV_API_URL: Final = "PRLL_API_URL"
+ENV_API_KEY: Final = "PRLL_API_KEY"
+ENV_ORG_ID: Final = "PRLL_ORG_ID"
+ENV_WS_URL: Final = "PRLL_WS_URL"
+ENV_AGENT_ID: Final = "PRLL_AGENT_ID"
+
+
+def _http_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    url = URL(value) if value else None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ConfigurationError(f"{attribute.name} must be an absolute http(s) URL")
+
+
+def _ws_url(instance: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    url = URL(value)
+    if url.scheme not in ("ws", "wss", "http", "https") or not url.host:
+        raise ConfigurationError(f"{attribute.name} must be an absolute ws(s) URL")
+
+
+def _non_empty(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{attribute.name} must be a non-empty string")
+
+
+def _optional_non_empty(instance: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None:
+        _non_empty(instance, attribute, value)
+
+
+def _duration(instance: Any, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is None and attribute.name == "cold_start_window":
+        return
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigurationError(
+            f"{attribute.name} must be a finite, non-negative number of seconds, got {value!r}"
+        )
+
+
+def _positive_duration(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    _duration(instance, attribute, value)
+    if value == 0:
+        raise ConfigurationError(f"{attribute.name} must be > 0 seconds")
+
+
+def _count(minimum: int) -> Any:
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigurationError(f"{attribute.name} must be an integer >= {minimum}")
+
+    return check
+
+
+def _redacted(_: object) -> str:
+    return "'***'"
+
+
+@attrs.frozen(kw_only=False)
+class GatewayConfig:
+    """Configuration of a :class:`~parall_bridge.Gateway`.
+
+    Attributes:
+        parall_url: the API base URL (``PRLL_API_URL``).
+        api_key: the agent's API key (``PRLL_API_KEY``); never shown in a repr or log.
+        org_id: the organisation (``PRLL_ORG_ID``).
+        ws_url: the WebSocket URL, when neither the ticket nor the default
+            (``parall_url`` with ``ws`` and ``/ws``) is right.
+        agent_id: the agent's user id, checked against ``get_me`` at start.
+        account_id: names the main session (``agent:main:parall:<account_id>``).
+        cold_start_window: on a process's first catch-up, pending items older
+            than this many seconds are acked without a turn; ``None`` turns it off.
+        dedupe_capacity: most events remembered for dedupe (bounded).
+        typing_refresh: seconds between typing refreshes while a turn runs.
+        heartbeat_drift_warning: warn when a heartbeat comes this many seconds late.
+        reconcile_interval: seconds between reconciliation passes (catch-up
+            on a timer), and the first retry delay of a failed event.
+        max_dispatch_attempts: failed turns before an event is dead-lettered.
+        shutdown_grace: seconds running turns get to finish at shutdown.
+        turn_timeout: seconds one turn may run before it is cancelled (a failure).
+        max_forks: the fork cap of the default routing strategy.
+        ack_dead_letters: ack dead-lettered events (so the platform stops
+            redelivering them); ``False`` leaves them pending.
+    """
+
+    parall_url: str = attrs.field(validator=_http_url)
+    api_key: str = attrs.field(validator=_non_empty, repr=_redacted)
+    org_id: str = attrs.field(validator=_non_empty)
+    ws_url: str | None = attrs.field(default=None, kw_only=True, validator=_ws_url)
+    agent_id: str | None = attrs.field(default=None, kw_only=True, validator=_optional_non_empty)
+    account_id: str = attrs.field(default="default", kw_only=True, validator=_non_empty)
+    cold_start_window: float | None = attrs.field(default=300.0, kw_only=True, validator=_duration)
+    dedupe_capacity: int = attrs.field(default=5000, kw_only=True, validator=_count(1))
+    typing_refresh: float = attrs.field(default=2.0, kw_only=True, validator=_positive_duration)
+    heartbeat_drift_warning: float = attrs.field(default=15.0, kw_only=True, validator=_duration)
+    reconcile_interval: float = attrs.field(
+        default=60.0, kw_only=True, validator=_positive_duration
+    )
+    max_dispatch_attempts: int = attrs.field(default=5, kw_only=True, validator=_count(1))
+    shutdown_grace: float = attrs.field(default=10.0, kw_only=True, validator=_duration)
+    turn_timeout: float = attrs.field(default=600.0, kw_only=True, validator=_positive_duration)
+    max_forks: int = attrs.field(default=4, kw_only=True, validator=_count(0))
+    ack_dead_letters: bool = attrs.field(default=True, kw_only=True)
+
+    @property
+    def main_session_key(self) -> str:
+        """The main session's key: ``agent:main:parall:<account_id>``."""
+        return f"agent:main:parall:{self.account_id}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Self:
+        """Build a config from ``PRLL_API_URL``, ``PRLL_API_KEY``, ``PRLL_ORG_ID`` and the
+        optional ``PRLL_WS_URL`` and ``PRLL_AGENT_ID``.
+
+        Args:
+            env: the variables to read (``os.environ`` by default; never changed).
+            overrides: any other keyword of the constructor.
+
+        Raises:
+            ConfigurationError: a variable is missing or malformed (it is named).
+        """
+        source = os.environ if env is None else env
+
+        def required(name: str) -> str:
+            value = source.get(name, "").strip()
+            if not value:
+                raise ConfigurationError(f"environment variable {name} is missing or empty")
+            return value
+
+        def optional(name: str) -> str | None:
+            value = source.get(name, "").strip()
+            return value or None
+
+        values: dict[str, Any] = {
+            "parall_url": required(ENV_API_URL),
+            "api_key": required(ENV_API_KEY),
+            "org_id": required(ENV_ORG_ID),
+            "ws_url": optional(ENV_WS_URL),
+            "agent_id": optional(ENV_AGENT_ID),
+        }
+        names = {
+            "parall_url": ENV_API_URL,
+            "api_key": ENV_API_KEY,
+            "org_id": ENV_ORG_ID,
+            "ws_url": ENV_WS_URL,
+            "agent_id": ENV_AGENT_ID,
+        }
+        values.update(overrides)
+        try:
+            return cls(**values)
+        except ConfigurationError as exc:
+            for field, variable in names.items():
+                if str(exc).startswith(field + " ") and field not in overrides:
+                    raise ConfigurationError(
+                        f"environment variable {variable}: {str(exc)[len(field) + 1 :]}"
+                    ) from None
+            raise

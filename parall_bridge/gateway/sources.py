@@ -1,0 +1,389 @@
+"""Where events come from: live frames, ``dispatch.new``, and catch-up items.
+
+Each path turns a platform object into a :class:`ParallEvent`, claims it in the
+ledger (so no other path dispatches it too), and submits it to the lanes. The
+live path applies the group routing filters of DESIGN.md section 3; items from
+the dispatch queue were routed to the agent by the platform and are handled as
+they are.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+import attrs
+
+from ..client import ParallClient
+from ..errors import NotFoundError, ParallError
+from ..events import EventAttachment, EventOrigin, ParallEvent
+from ..models import (
+    Chat,
+    ChatType,
+    ChatUpdate,
+    DispatchEventType,
+    DispatchItem,
+    MediaContent,
+    Message,
+    MessageType,
+    RoutingMode,
+    SourceType,
+    Task,
+    TaskStatus,
+    TextContent,
+)
+from .lanes import Lanes
+from .ledger import ACTIVE, Ledger, Verdict
+from .writer import PlatformWriter
+
+__all__ = ["ChatCache", "ItemOutcome", "Sources"]
+
+_log = logging.getLogger("parall_bridge.gateway.sources")
+
+CHAT_PAGE_SIZE = 100
+DISPATCHABLE_TASK_STATUSES = frozenset({TaskStatus.TODO, TaskStatus.IN_PROGRESS})
+
+
+class ChatCache:
+    """Chats by id: loaded on hello, kept by ``chat.update``, fetched on demand."""
+
+    def __init__(self, client: ParallClient, org_id: str) -> None:
+        self._client = client
+        self._org_id = org_id
+        self._chats: dict[str, Chat] = {}
+
+    def __len__(self) -> int:
+        return len(self._chats)
+
+    async def load(self) -> int:
+        """Load every chat (paginated); returns how many."""
+        count = 0
+        async for chat in self._client.iter_chats(self._org_id, page_size=CHAT_PAGE_SIZE):
+            self._chats[chat.id] = chat
+            count += 1
+        return count
+
+    def apply(self, update: ChatUpdate) -> None:
+        """Apply a ``chat.update``: changed fields replace the cached ones; an unknown
+        chat is added when the update names its type."""
+        changes = update.changes
+        existing = self._chats.get(update.chat_id)
+        if existing is None:
+            if changes.type is None:
+                return
+            existing = Chat(id=update.chat_id, type=changes.type)
+        self._chats[update.chat_id] = attrs.evolve(
+            existing,
+            type=existing.type if changes.type is None else changes.type,
+            name=existing.name if changes.name is None else changes.name,
+            agent_routing_mode=existing.agent_routing_mode
+            if changes.agent_routing_mode is None
+            else changes.agent_routing_mode,
+        )
+
+    async def get(self, chat_id: str) -> Chat:
+        """The chat, from the cache or the platform (raises :class:`ParallError`)."""
+        chat = self._chats.get(chat_id)
+        if chat is None:
+            chat = await self._client.get_chat(self._org_id, chat_id)
+            self._chats[chat_id] = chat
+        return chat
+
+
+class ItemOutcome(enum.Enum):
+    """What became of one dispatch item."""
+
+    DISPATCHED = "dispatched"
+    ATTACHED = "attached"
+    ACKED = "acked"
+    SKIPPED_OLD = "skipped_old"
+    LEFT_PENDING = "left_pending"
+
+
+@attrs.frozen
+class _Source:
+    type: str
+    id: str
+
+
+class Sources:
+    """Turns live frames and dispatch items into claimed, routed events."""
+
+    def __init__(
+        self,
+        *,
+        client: ParallClient,
+        org_id: str,
+        agent_id: str,
+        ledger: Ledger,
+        lanes: Lanes,
+        writer: PlatformWriter,
+        chats: ChatCache,
+        clock: Callable[[], float],
+    ) -> None:
+        self._client = client
+        self._org_id = org_id
+        self._agent_id = agent_id
+        self._ledger = ledger
+        self._lanes = lanes
+        self._writer = writer
+        self._chats = chats
+        self._clock = clock
+
+    # --- live ------------------------------------------------------------------------
+
+    async def on_message(self, message: Message) -> bool:
+        """A ``message.new``: returns whether it was routed."""
+        if message.sender_id == self._agent_id:
+            return False
+        if message.message_type not in (MessageType.TEXT, MessageType.FILE):
+            return False
+        claim = self._ledger.claim(
+            message.id,
+            source_type=SourceType.MESSAGE,
+            source_id=message.id,
+            origin=EventOrigin.LIVE,
+            now=self._clock(),
+        )
+        if not claim.claimed:
+            _log.debug("message %s already claimed (%s)", message.id, claim.verdict.value)
+            return False
+        try:
+            chat = await self._chats.get(message.chat_id)
+        except ParallError as exc:
+            _log.warning(
+                "cannot resolve chat %s, skipping %s: %s", message.chat_id, message.id, exc
+            )
+            self._ledger.release(message.id)
+            return False
+        if not self._handled_live(message, chat):
+            # Not for the live path; if the platform routes it anyway (smart mode),
+            # dispatch.new or catch-up brings it back.
+            self._ledger.release(message.id)
+            return False
+        event = await self._message_event(message, chat, EventOrigin.LIVE, None)
+        if event is None:
+            self._ledger.release(message.id)
+            return False
+        self._lanes.submit(event)
+        return True
+
+    def _handled_live(self, message: Message, chat: Chat) -> bool:
+        """The group routing filters: passive and smart groups only take @mentions of
+        the agent or @all live; active groups and direct chats take everything."""
+        if chat.type != ChatType.GROUP or chat.agent_routing_mode == RoutingMode.ACTIVE:
+            return True
+        content = message.content
+        if isinstance(content, TextContent) and message.message_type == MessageType.TEXT:
+            return content.mentions_user(self._agent_id)
+        return False
+
+    async def on_task(self, task: Task) -> bool:
+        """A ``task.assigned``: returns whether it was routed."""
+        if task.assignee_id != self._agent_id or task.status not in DISPATCHABLE_TASK_STATUSES:
+            return False
+        event = ParallEvent.task(task, origin=EventOrigin.LIVE)
+        claim = self._ledger.claim(
+            event.key,
+            source_type=SourceType.TASK_ACTIVITY,
+            source_id=task.id,
+            origin=EventOrigin.LIVE,
+            now=self._clock(),
+        )
+        if not claim.claimed:
+            _log.info("skipping already-dispatched task %s", task.identifier or task.id)
+            return False
+        self._lanes.submit(event)
+        return True
+
+    # --- dispatch items (dispatch.new and catch-up) ----------------------------------------
+
+    async def on_item(
+        self, item: DispatchItem, origin: EventOrigin, cutoff: datetime | None = None
+    ) -> ItemOutcome:
+        """Handle one pending dispatch item: dispatch its source at once unless the
+        ledger knows it (in flight: the row is attached; done: acked by id)."""
+        if cutoff is not None and item.created_at is not None and item.created_at < cutoff:
+            self._writer.ack_id(item.id)
+            return ItemOutcome.SKIPPED_OLD
+        if item.event_type == DispatchEventType.TASK_ASSIGN or (
+            item.source_type == SourceType.TASK_ACTIVITY
+        ):
+            return await self._task_item(item, origin)
+        if item.event_type == DispatchEventType.MESSAGE or item.source_type == SourceType.MESSAGE:
+            return await self._message_item(item, origin)
+        _log.info("leaving dispatch item %s of unknown type %r pending", item.id, item.event_type)
+        return ItemOutcome.LEFT_PENDING
+
+    def _settle_unclaimed(self, verdict: Verdict, item: DispatchItem) -> ItemOutcome:
+        if verdict is Verdict.DONE or (verdict is Verdict.DEAD and self._ledger.ack_dead):
+            self._writer.ack_id(item.id)
+            return ItemOutcome.ACKED
+        if verdict is Verdict.DEAD:
+            return ItemOutcome.LEFT_PENDING
+        return ItemOutcome.ATTACHED
+
+    async def _message_item(self, item: DispatchItem, origin: EventOrigin) -> ItemOutcome:
+        message_id = item.source_id
+        if not message_id:
+            return ItemOutcome.LEFT_PENDING
+        claim = self._ledger.claim(
+            message_id,
+            source_type=SourceType.MESSAGE,
+            source_id=message_id,
+            origin=origin,
+            now=self._clock(),
+            dispatch_id=item.id,
+        )
+        if not claim.claimed:
+            return self._settle_unclaimed(claim.verdict, item)
+        record = claim.record
+        if record is not None and record.event is not None:
+            # A failed event due for retry: the stored event is dispatched again.
+            self._lanes.submit(record.event)
+            return ItemOutcome.DISPATCHED
+        try:
+            message = await self._client.get_message(message_id)
+        except NotFoundError:
+            _log.info("message %s is gone: acking its dispatch item", message_id)
+            self._ledger.release(message_id)
+            self._writer.ack_id(item.id)
+            return ItemOutcome.ACKED
+        except ParallError as exc:
+            _log.warning("cannot fetch message %s, leaving it pending: %s", message_id, exc)
+            self._ledger.release(message_id)
+            return ItemOutcome.LEFT_PENDING
+        if message.sender_id == self._agent_id:
+            self._ledger.release(message_id)
+            self._writer.ack_id(item.id)
+            return ItemOutcome.ACKED
+        try:
+            chat = await self._chats.get(item.chat_id or message.chat_id)
+        except ParallError as exc:
+            _log.warning("cannot resolve chat of %s, leaving it pending: %s", message_id, exc)
+            self._ledger.release(message_id)
+            return ItemOutcome.LEFT_PENDING
+        event = await self._message_event(message, chat, origin, item.id)
+        if event is None:
+            self._ledger.release(message_id)
+            self._writer.ack_id(item.id)
+            return ItemOutcome.ACKED
+        self._lanes.submit(event)
+        return ItemOutcome.DISPATCHED
+
+    async def _task_item(self, item: DispatchItem, origin: EventOrigin) -> ItemOutcome:
+        task_id = item.task_id or item.source_id
+        if not task_id:
+            return ItemOutcome.LEFT_PENDING
+        current = self._ledger.by_source(SourceType.TASK_ACTIVITY, task_id)
+        if current is not None and current.state in ACTIVE:
+            self._ledger.attach(current, item.id)
+            return ItemOutcome.ATTACHED
+        try:
+            task = await self._client.get_task(self._org_id, task_id)
+        except NotFoundError:
+            _log.info("task %s is gone: acking its dispatch item", task_id)
+            self._writer.ack_id(item.id)
+            return ItemOutcome.ACKED
+        except ParallError as exc:
+            _log.warning("cannot fetch task %s, leaving it pending: %s", task_id, exc)
+            return ItemOutcome.LEFT_PENDING
+        if task.assignee_id != self._agent_id:
+            _log.info("skipping stale task dispatch %s: reassigned", item.id)
+            self._writer.ack_id(item.id)
+            return ItemOutcome.ACKED
+        if task.status not in DISPATCHABLE_TASK_STATUSES:
+            _log.info("skipping task dispatch %s: the task is %s", item.id, task.status)
+            self._writer.ack_id(item.id)
+            return ItemOutcome.ACKED
+        event = ParallEvent.task(task, origin=origin, dispatch_id=item.id)
+        claim = self._ledger.claim(
+            event.key,
+            source_type=SourceType.TASK_ACTIVITY,
+            source_id=task.id,
+            origin=origin,
+            now=self._clock(),
+            dispatch_id=item.id,
+        )
+        if not claim.claimed:
+            return self._settle_unclaimed(claim.verdict, item)
+        record = claim.record
+        self._lanes.submit(record.event if record is not None and record.event else event)
+        return ItemOutcome.DISPATCHED
+
+    # --- retries -------------------------------------------------------------------------
+
+    def retry_due(self) -> int:
+        """Dispatch again every failed event whose retry time has come."""
+        now = self._clock()
+        count = 0
+        for record in self._ledger.due(now):
+            event = record.event
+            if event is None:
+                continue
+            claim = self._ledger.claim(
+                record.key,
+                source_type=record.source_type,
+                source_id=record.source_id,
+                origin=record.origin,
+                now=now,
+            )
+            if claim.claimed:
+                _log.info("retrying %s (attempt %d)", record.key, record.attempts + 1)
+                self._lanes.submit(event)
+                count += 1
+        return count
+
+    # --- building events -------------------------------------------------------------------
+
+    async def _message_event(
+        self, message: Message, chat: Chat, origin: EventOrigin, dispatch_id: str | None
+    ) -> ParallEvent | None:
+        """The event of a text or file message (``None`` when there is nothing to read)."""
+        content = message.content
+        attachments: list[EventAttachment] = []
+        seen: set[str] = set()
+        if message.message_type == MessageType.TEXT and isinstance(content, TextContent):
+            text = content.text.strip()
+            if not text:
+                return None
+        elif message.message_type == MessageType.FILE and isinstance(content, MediaContent):
+            text = (content.caption or "").strip() or f"[file: {content.file_name or 'attachment'}]"
+            if content.attachment_id:
+                seen.add(content.attachment_id)
+                url = await self._file_url(content.attachment_id)
+                if url:
+                    attachments.append(EventAttachment(content.mime_type or "file", url))
+        else:
+            return None
+        for attachment in message.attachments:
+            if attachment.id in seen:
+                continue
+            seen.add(attachment.id)
+            url = attachment.url or await self._file_url(attachment.id)
+            if url:
+                attachments.append(EventAttachment(attachment.mime_type or "file", url))
+        return ParallEvent.message(
+            chat_id=message.chat_id,
+            message_id=message.id,
+            sender_id=message.sender_id,
+            sender_name=message.sender_name,
+            text=text,
+            chat_name=chat.name or None,
+            chat_type=chat.type,
+            thread_root_id=message.thread_root_id,
+            no_reply=message.no_reply,
+            attachments=attachments,
+            created_at=message.created_at,
+            origin=origin,
+            dispatch_id=dispatch_id,
+        )
+
+    async def _file_url(self, attachment_id: str) -> str | None:
+        try:
+            return (await self._client.get_file_url(attachment_id)).url
+        except ParallError as exc:
+            _log.warning("cannot get a URL for attachment %s: %s", attachment_id, exc)
+            return None
