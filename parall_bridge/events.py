@@ -63,14 +63,18 @@ class EventOrigin(enum.StrEnum):
 _LINE_BREAKS = re.compile(r"[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
 
 
+_FIELD_CHARACTERS = str.maketrans({"[": "(", "]": ")", '"': "'", "|": "/"})
+
+
 def sanitize_header_value(value: object) -> str:
     """Make ``value`` safe inside a bracketed header line.
 
-    Line breaks become spaces (no new line can start), and square brackets
-    become parentheses (the line cannot be closed early nor a header opened).
+    Line breaks become spaces (no new line can start); square brackets become
+    parentheses (the line cannot be closed early nor a header opened); double
+    quotes and ``|`` become ``'`` and ``/`` (a quoted name cannot end early and
+    fake a field of its own line, such as ``| type: direct``).
     """
-    text = _LINE_BREAKS.sub(" ", str(value))
-    return text.replace("[", "(").replace("]", ")").strip()
+    return _LINE_BREAKS.sub(" ", str(value)).translate(_FIELD_CHARACTERS).strip()
 
 
 def _s(value: object) -> str:

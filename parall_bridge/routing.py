@@ -75,7 +75,7 @@ class DefaultRoutingStrategy:
     busy with the same target queues it for main; main busy with another
     target forks, unless ``max_forks`` forks are open (then main's queue).
 
-    Args:
+    Attributes:
         max_forks: the fork cap; ``None`` uses the gateway's ``max_forks``.
     """
 

@@ -21,18 +21,25 @@ ENV_WS_URL: Final = "PRLL_WS_URL"
 ENV_AGENT_ID: Final = "PRLL_AGENT_ID"
 
 
+def _parse_url(name: str, value: object, schemes: tuple[str, ...], what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{name} must be an absolute {what} URL")
+    try:
+        url = URL(value)
+        port = url.port  # yarl checks the port lazily
+    except ValueError as exc:
+        raise ConfigurationError(f"{name} must be an absolute {what} URL ({exc})") from None
+    if url.scheme not in schemes or not url.host or (port is not None and not 0 < port < 65536):
+        raise ConfigurationError(f"{name} must be an absolute {what} URL")
+
+
 def _http_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
-    url = URL(value) if value else None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
-        raise ConfigurationError(f"{attribute.name} must be an absolute http(s) URL")
+    _parse_url(attribute.name, value, ("http", "https"), "http(s)")
 
 
 def _ws_url(instance: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
-    if value is None:
-        return
-    url = URL(value)
-    if url.scheme not in ("ws", "wss", "http", "https") or not url.host:
-        raise ConfigurationError(f"{attribute.name} must be an absolute ws(s) URL")
+    if value is not None:
+        _parse_url(attribute.name, value, ("ws", "wss", "http", "https"), "ws(s)")
 
 
 def _non_empty(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -91,7 +98,9 @@ class GatewayConfig:
         account_id: names the main session (``agent:main:parall:<account_id>``).
         cold_start_window: on a process's first catch-up, pending items older
             than this many seconds are acked without a turn; ``None`` turns it off.
-        dedupe_capacity: most events remembered for dedupe (bounded).
+        dedupe_capacity: most events remembered for dedupe; finished ones are forgotten
+            first, and work still in flight never is (so a backlog larger than this is
+            held until it is done).
         typing_refresh: seconds between typing refreshes while a turn runs.
         heartbeat_drift_warning: warn when a heartbeat comes this many seconds late.
         reconcile_interval: seconds between reconciliation passes (catch-up
@@ -142,23 +151,6 @@ class GatewayConfig:
         """
         source = os.environ if env is None else env
 
-        def required(name: str) -> str:
-            value = source.get(name, "").strip()
-            if not value:
-                raise ConfigurationError(f"environment variable {name} is missing or empty")
-            return value
-
-        def optional(name: str) -> str | None:
-            value = source.get(name, "").strip()
-            return value or None
-
-        values: dict[str, Any] = {
-            "parall_url": required(ENV_API_URL),
-            "api_key": required(ENV_API_KEY),
-            "org_id": required(ENV_ORG_ID),
-            "ws_url": optional(ENV_WS_URL),
-            "agent_id": optional(ENV_AGENT_ID),
-        }
         names = {
             "parall_url": ENV_API_URL,
             "api_key": ENV_API_KEY,
@@ -166,6 +158,16 @@ class GatewayConfig:
             "ws_url": ENV_WS_URL,
             "agent_id": ENV_AGENT_ID,
         }
+        required = ("parall_url", "api_key", "org_id")
+        values: dict[str, Any] = {}
+        for field, variable in names.items():
+            if field in overrides:
+                continue
+            value = source.get(variable, "").strip()
+            if value:
+                values[field] = value
+            elif field in required:
+                raise ConfigurationError(f"environment variable {variable} is missing or empty")
         values.update(overrides)
         try:
             return cls(**values)

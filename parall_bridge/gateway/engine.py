@@ -168,7 +168,9 @@ class Engine:
                 if isinstance(exc, TRANSIENT_ERRORS) or not hasattr(exc, "status"):
                     delay = self._backoff.delay(failures)
                     failures += 1
-                    _log.warning("WebSocket connection failed (%s); retrying in %.1f s", exc, delay)
+                    _log.warning(
+                        "WebSocket connection failed (%s); retrying in %.1f s", str(exc), delay
+                    )
                     if await self.sleep_or_stop(delay):
                         return
                     continue
@@ -177,7 +179,7 @@ class Engine:
         try:
             await ws.wait_closed()
         except WebSocketClosedError as exc:
-            _log.error("the platform closed the connection for good: %s", exc)
+            _log.error("the platform closed the connection for good: %s", str(exc))
             self._request_stop(exc)
 
     async def apply_config(self) -> None:
@@ -188,7 +190,7 @@ class Engine:
                 await self.runtime.apply_platform_config(config)
             _log.info("platform config version %d applied", config.version)
         except (ParallError, TimeoutError) as exc:
-            _log.warning("platform config not applied: %s", exc)
+            _log.warning("platform config not applied: %s", str(exc))
         except Exception:
             _log.exception("apply_platform_config failed")
 
@@ -247,7 +249,7 @@ class Engine:
             count = await self.chats.load()
             _log.info("connected; %d chats cached", count)
         except ParallError as exc:
-            _log.warning("could not load the chats: %s", exc)
+            _log.warning("could not load the chats: %s", str(exc))
         self.presence.restart_heartbeat(hello.session_id, self.ws.heartbeat_interval)
         self._hello_seen = True
         self._request_catch_up()
@@ -296,7 +298,7 @@ class Engine:
             ):
                 items.append(item)
         except ParallError as exc:
-            _log.warning("catch-up could not list the dispatch queue: %s", exc)
+            _log.warning("catch-up could not list the dispatch queue: %s", str(exc))
             return
         self._catch_up_count += 1
         outcomes: dict[ItemOutcome, int] = {}

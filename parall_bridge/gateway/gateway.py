@@ -283,7 +283,7 @@ class Gateway:
             except TRANSIENT_ERRORS as exc:
                 delay = self._backoff.delay(failures)
                 failures += 1
-                _log.warning("could not %s (%s); retrying in %.1f s", what, exc, delay)
+                _log.warning("could not %s (%s); retrying in %.1f s", what, str(exc), delay)
                 if await sleep_or_stop(self._stop, delay):
                     return None
 

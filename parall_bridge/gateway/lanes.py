@@ -215,21 +215,26 @@ class Lanes:
         lane = self.main
         try:
             while not self._closing:
+                results, self._fork_results = self._fork_results, []
                 if lane.queue:
                     batch = self._take_batch(lane)
-                    prefix = self._take_fork_results()
-                    lane.target = batch[0].target_id
-                    await self._turn(lane, batch, prefix)
-                elif self._fork_results:
-                    prefix = self._take_fork_results()
+                elif results:
                     self._synthetic_seq += 1
-                    event = ParallEvent.synthetic(
-                        f"synthetic-{int(time.time() * 1000)}-{self._synthetic_seq}"
-                    )
-                    lane.target = event.target_id
-                    await self._turn(lane, [event], prefix)
+                    batch = [
+                        ParallEvent.synthetic(
+                            f"synthetic-{int(time.time() * 1000)}-{self._synthetic_seq}"
+                        )
+                    ]
                 else:
                     break
+                lane.target = batch[0].target_id
+                ok = await self._turn(lane, batch, build_fork_result_prefix(results))
+                if not ok and results:
+                    # Not delivered: they go with main's next turn. No wake-up of their
+                    # own, so a failing runtime cannot spin on them.
+                    self._fork_results[:0] = results
+                    if not lane.queue:
+                        break
         finally:
             lane.worker = None
             lane.target = None
@@ -303,13 +308,10 @@ class Lanes:
         if self._fork_results:
             self._wake_main()
 
-    def _take_fork_results(self) -> str:
-        results, self._fork_results = self._fork_results, []
-        return build_fork_result_prefix(results)
-
     # --- one turn ------------------------------------------------------------------
 
-    async def _turn(self, lane: Lane, events: Sequence[ParallEvent], prefix: str) -> None:
+    async def _turn(self, lane: Lane, events: Sequence[ParallEvent], prefix: str) -> bool:
+        """Run one turn; returns whether it succeeded (a cancellation propagates)."""
         tracked = [event for event in events if self._ledger.get(event.key) is not None]
         for event in tracked:
             self._ledger.running(event.key)
@@ -347,6 +349,7 @@ class Lanes:
             turn._abandon()
             lane.failed += len(events)
             self._failed(turn, tracked, exc)
+            return False
         else:
             turn._finish(reply)
             self.stats.turns_succeeded += 1
@@ -357,6 +360,7 @@ class Lanes:
                 lane.handled.extend(events)
                 if reply:
                     lane.last_reply = reply
+            return True
         finally:
             lane.running = False
             self._end(turn)
@@ -421,7 +425,12 @@ class Lanes:
                 group_key=turn.group_key,
             )
         )
-        _log.warning("turn for %s failed (attempt %d): %s", turn.event.target_id, attempts, message)
+        if tracked:
+            _log.warning(
+                "turn for %s failed (attempt %d): %s", turn.event.target_id, attempts, message
+            )
+        else:
+            _log.warning("turn for %s failed: %s", turn.event.target_id, message)
         if dead:
             self._dead_letter(dead, exc, attempts)
         if len(dead) < len(tracked):

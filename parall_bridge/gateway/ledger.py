@@ -222,13 +222,14 @@ class Ledger:
     def release(self, key: str) -> None:
         """The claimed work is dropped without a turn (filtered, or its fetch failed).
 
-        A record that never ran is forgotten (a later delivery may claim it
-        again); one that had failed before goes back to waiting.
+        A record that was never dispatched is forgotten (a later delivery may
+        claim it again); one that was (it failed, or shutdown interrupted it)
+        goes back to waiting.
         """
         record = self._records.get(key)
         if record is None or record.state is not WorkState.CLAIMED:
             return
-        if record.attempts == 0:
+        if record.attempts == 0 and record.event is None:
             self._forget(record)
         else:
             record.state = WorkState.FAILED

@@ -35,7 +35,7 @@ from ..models import (
     TextContent,
 )
 from .lanes import Lanes
-from .ledger import ACTIVE, Ledger, Verdict
+from .ledger import ACTIVE, Claim, Ledger, Verdict
 from .writer import PlatformWriter
 
 __all__ = ["ChatCache", "ItemOutcome", "Sources"]
@@ -132,6 +132,23 @@ class Sources:
         self._chats = chats
         self._clock = clock
 
+    def _claim(
+        self,
+        key: str,
+        source_type: str,
+        source_id: str,
+        origin: EventOrigin,
+        dispatch_id: str | None = None,
+    ) -> Claim:
+        return self._ledger.claim(
+            key,
+            source_type=source_type,
+            source_id=source_id,
+            origin=origin,
+            now=self._clock(),
+            dispatch_id=dispatch_id,
+        )
+
     # --- live ------------------------------------------------------------------------
 
     async def on_message(self, message: Message) -> bool:
@@ -140,13 +157,7 @@ class Sources:
             return False
         if message.message_type not in (MessageType.TEXT, MessageType.FILE):
             return False
-        claim = self._ledger.claim(
-            message.id,
-            source_type=SourceType.MESSAGE,
-            source_id=message.id,
-            origin=EventOrigin.LIVE,
-            now=self._clock(),
-        )
+        claim = self._claim(message.id, SourceType.MESSAGE, message.id, EventOrigin.LIVE)
         if not claim.claimed:
             _log.debug("message %s already claimed (%s)", message.id, claim.verdict.value)
             return False
@@ -154,7 +165,7 @@ class Sources:
             chat = await self._chats.get(message.chat_id)
         except ParallError as exc:
             _log.warning(
-                "cannot resolve chat %s, skipping %s: %s", message.chat_id, message.id, exc
+                "cannot resolve chat %s, skipping %s: %s", message.chat_id, message.id, str(exc)
             )
             self._ledger.release(message.id)
             return False
@@ -185,13 +196,7 @@ class Sources:
         if task.assignee_id != self._agent_id or task.status not in DISPATCHABLE_TASK_STATUSES:
             return False
         event = ParallEvent.task(task, origin=EventOrigin.LIVE)
-        claim = self._ledger.claim(
-            event.key,
-            source_type=SourceType.TASK_ACTIVITY,
-            source_id=task.id,
-            origin=EventOrigin.LIVE,
-            now=self._clock(),
-        )
+        claim = self._claim(event.key, SourceType.TASK_ACTIVITY, task.id, EventOrigin.LIVE)
         if not claim.claimed:
             _log.info("skipping already-dispatched task %s", task.identifier or task.id)
             return False
@@ -229,14 +234,7 @@ class Sources:
         message_id = item.source_id
         if not message_id:
             return ItemOutcome.LEFT_PENDING
-        claim = self._ledger.claim(
-            message_id,
-            source_type=SourceType.MESSAGE,
-            source_id=message_id,
-            origin=origin,
-            now=self._clock(),
-            dispatch_id=item.id,
-        )
+        claim = self._claim(message_id, SourceType.MESSAGE, message_id, origin, item.id)
         if not claim.claimed:
             return self._settle_unclaimed(claim.verdict, item)
         record = claim.record
@@ -252,7 +250,7 @@ class Sources:
             self._writer.ack_id(item.id)
             return ItemOutcome.ACKED
         except ParallError as exc:
-            _log.warning("cannot fetch message %s, leaving it pending: %s", message_id, exc)
+            _log.warning("cannot fetch message %s, leaving it pending: %s", message_id, str(exc))
             self._ledger.release(message_id)
             return ItemOutcome.LEFT_PENDING
         if message.sender_id == self._agent_id:
@@ -262,7 +260,7 @@ class Sources:
         try:
             chat = await self._chats.get(item.chat_id or message.chat_id)
         except ParallError as exc:
-            _log.warning("cannot resolve chat of %s, leaving it pending: %s", message_id, exc)
+            _log.warning("cannot resolve chat of %s, leaving it pending: %s", message_id, str(exc))
             self._ledger.release(message_id)
             return ItemOutcome.LEFT_PENDING
         event = await self._message_event(message, chat, origin, item.id)
@@ -288,7 +286,7 @@ class Sources:
             self._writer.ack_id(item.id)
             return ItemOutcome.ACKED
         except ParallError as exc:
-            _log.warning("cannot fetch task %s, leaving it pending: %s", task_id, exc)
+            _log.warning("cannot fetch task %s, leaving it pending: %s", task_id, str(exc))
             return ItemOutcome.LEFT_PENDING
         if task.assignee_id != self._agent_id:
             _log.info("skipping stale task dispatch %s: reassigned", item.id)
@@ -299,14 +297,7 @@ class Sources:
             self._writer.ack_id(item.id)
             return ItemOutcome.ACKED
         event = ParallEvent.task(task, origin=origin, dispatch_id=item.id)
-        claim = self._ledger.claim(
-            event.key,
-            source_type=SourceType.TASK_ACTIVITY,
-            source_id=task.id,
-            origin=origin,
-            now=self._clock(),
-            dispatch_id=item.id,
-        )
+        claim = self._claim(event.key, SourceType.TASK_ACTIVITY, task.id, origin, item.id)
         if not claim.claimed:
             return self._settle_unclaimed(claim.verdict, item)
         record = claim.record
@@ -385,5 +376,5 @@ class Sources:
         try:
             return (await self._client.get_file_url(attachment_id)).url
         except ParallError as exc:
-            _log.warning("cannot get a URL for attachment %s: %s", attachment_id, exc)
+            _log.warning("cannot get a URL for attachment %s: %s", attachment_id, str(exc))
             return None

@@ -151,7 +151,7 @@ class PlatformWriter:
         except ParallError as exc:
             self.stats.steps_failed += 1
             what = item.status if isinstance(item, _Status) else item.step.step_type
-            _log.warning("could not write %s to the agent session: %s", what, exc)
+            _log.warning("could not write %s to the agent session: %s", what, str(exc))
 
     async def _ack(self, plan: AckPlan) -> None:
         try:
@@ -170,7 +170,7 @@ class PlatformWriter:
             # Still pending on the platform: reconciliation finds the row, and the
             # ledger (which knows the work is done) acks it by id then.
             self.stats.acks_failed += 1
-            _log.warning("ack failed, left to reconciliation: %s", exc)
+            _log.warning("ack failed, left to reconciliation: %s", str(exc))
 
     async def _mark_received(self, source_type: str, source_id: str) -> None:
         try:
@@ -178,7 +178,7 @@ class PlatformWriter:
                 self._org_id, source_type=source_type, source_id=source_id
             )
         except ParallError as exc:
-            _log.info("could not mark %s %s received: %s", source_type, source_id, exc)
+            _log.info("could not mark %s %s received: %s", source_type, source_id, str(exc))
 
     # --- shutdown -----------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -568,3 +569,44 @@ async def test_logs_go_through_parall_bridge_loggers(
         name.startswith("parall_bridge") or name in {"asyncio", "aiohttp.access"} for name in ours
     )
     assert logging.getLogger("parall_bridge").handlers == []  # the library installs no handler
+
+
+@pytest.mark.asyncio
+async def test_heartbeat_drift_warns_of_a_blocked_event_loop(
+    agent: AgentAccount, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def blocks_the_loop(turn: Turn) -> str | None:
+        time.sleep(0.5)  # noqa: ASYNC251 - a runtime that blocks the loop: what the warning reveals
+        return "ok"
+
+    async with FakeParallServer(heartbeat_interval=0.1) as fast:
+        bot = fast.add_agent("Bot", api_key="pk_drift")
+        ada = fast.add_user("Ada")
+        chat = fast.add_chat(type="direct", members=[ada.id, bot.user_id])
+        runtime = ScriptedRuntime(blocks_the_loop)
+        async with running(fast, bot, runtime, heartbeat_drift_warning=0.2) as run:
+            fast.post_message(chat.id, ada.id, "hi")
+            await run.wait_for(lambda: "event loop may be blocked" in caplog.text)
+
+
+@pytest.mark.asyncio
+async def test_a_turn_past_turn_timeout_is_cancelled_and_counts_as_a_failure(
+    server: FakeParallServer, agent: AgentAccount, ada: User, direct: Chat
+) -> None:
+    cancelled = asyncio.Event()
+
+    async def hangs(turn: Turn) -> str | None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return None
+
+    async with running(server, agent, ScriptedRuntime(hangs), turn_timeout=0.2) as run:
+        posted = server.post_message(direct.id, ada.id, "hi")
+        await run.wait_for(lambda: len(run.steps(StepType.ERROR)) == 1)
+        assert cancelled.is_set()
+        assert run.pending() == [posted.id]  # not acked: retried later
+    (error,) = run.steps(StepType.ERROR)
+    assert error.content == {"message": "turn timed out after 0.2 s", "attempts": 1}

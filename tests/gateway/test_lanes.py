@@ -9,12 +9,13 @@ import pytest
 
 from parall_bridge import StepType
 from parall_bridge.events import ParallEvent
+from parall_bridge.gateway import lanes as lanes_module
 from parall_bridge.models import Chat, User
 from parall_bridge.routing import DispatchState, Route, SerialRoutingStrategy
-from parall_bridge.runtime import Turn
+from parall_bridge.runtime import ForkOutcome, SessionRef, Turn
 from parall_bridge.testing import AgentAccount, FakeParallServer
 
-from ._harness import ScriptedRuntime, running
+from ._harness import Run, ScriptedRuntime, running
 
 
 class Gates:
@@ -53,6 +54,15 @@ def direct_chats(server: FakeParallServer, agent: AgentAccount, ada: User, n: in
     ]
 
 
+async def main_on_a_and_fork_on_b(run: Run, ada: User, room_a: Chat, room_b: Chat) -> None:
+    """Post a1 (main takes it) then b1 while main is busy (a fork takes it); return once
+    both turns run."""
+    run.server.post_message(room_a.id, ada.id, "a1")
+    await run.wait_for(lambda: len(run.runtime.turns) == 1)
+    run.server.post_message(room_b.id, ada.id, "b1")
+    await run.wait_for(lambda: len(run.runtime.turns) == 2)
+
+
 @pytest.mark.asyncio
 async def test_same_target_events_coalesce_into_one_turn_with_history(
     server: FakeParallServer, agent: AgentAccount, ada: User
@@ -88,10 +98,7 @@ async def test_new_fork_runs_another_target_in_parallel_then_reports_to_main(
     gates = Gates()
     runtime = ScriptedRuntime(gates)
     async with running(server, agent, runtime) as run:
-        server.post_message(room_a.id, ada.id, "a1")
-        await run.wait_for(lambda: len(runtime.turns) == 1)
-        server.post_message(room_b.id, ada.id, "b1")
-        await run.wait_for(lambda: len(runtime.turns) == 2)  # main is busy: b1 runs on a fork
+        await main_on_a_and_fork_on_b(run, ada, room_a, room_b)  # main is busy: b1 runs on a fork
         assert runtime.turns[1].session_key == runtime.forked[0].key
         assert run.gateway.stats().forks_open == 1
         assert run.gateway.stats().active_turns == 2  # truly in parallel
@@ -128,10 +135,7 @@ async def test_fork_results_wake_an_idle_main_with_a_synthetic_turn(
     gates = Gates()
     runtime = ScriptedRuntime(gates)
     async with running(server, agent, runtime) as run:
-        server.post_message(room_a.id, ada.id, "a1")
-        await run.wait_for(lambda: len(runtime.turns) == 1)
-        server.post_message(room_b.id, ada.id, "b1")
-        await run.wait_for(lambda: len(runtime.turns) == 2)
+        await main_on_a_and_fork_on_b(run, ada, room_a, room_b)
         gates.release(room_a.id)  # main finishes first and goes idle
         await run.wait_for(lambda: len(runtime.finished) == 1)
         gates.release(room_b.id)  # then the fork finishes: main is woken up
@@ -227,10 +231,7 @@ async def test_a_custom_strategy_sees_the_dispatch_state(
     gates = Gates()
     runtime = ScriptedRuntime(gates)
     async with running(server, agent, runtime, routing=AlwaysFork(), max_forks=3) as run:
-        server.post_message(room_a.id, ada.id, "a1")
-        await run.wait_for(lambda: len(runtime.turns) == 1)
-        server.post_message(room_b.id, ada.id, "b1")
-        await run.wait_for(lambda: len(runtime.turns) == 2)
+        await main_on_a_and_fork_on_b(run, ada, room_a, room_b)
         server.post_message(room_a.id, ada.id, "a2")
         await run.wait_for(lambda: len(seen) == 3)
         gates.default_open = True
@@ -283,10 +284,7 @@ async def test_an_open_fork_takes_its_chats_events_even_when_main_is_idle(
     gates = Gates()
     runtime = ScriptedRuntime(gates)
     async with running(server, agent, runtime) as run:
-        server.post_message(room_a.id, ada.id, "a1")
-        await run.wait_for(lambda: len(runtime.turns) == 1)
-        server.post_message(room_b.id, ada.id, "b1")
-        await run.wait_for(lambda: len(runtime.turns) == 2)
+        await main_on_a_and_fork_on_b(run, ada, room_a, room_b)
         gates.release(room_a.id)
         await run.wait_for(lambda: not run.gateway.stats().main_busy)
         server.post_message(room_b.id, ada.id, "b2")  # main idle, but b's fork is open
@@ -298,3 +296,62 @@ async def test_an_open_fork_takes_its_chats_events_even_when_main_is_idle(
     assert runtime.overlaps == []
     b2_turn = next(t for t in runtime.turns if t.event.text == "b2")
     assert b2_turn.session_key == runtime.forked[0].key
+
+
+@pytest.mark.asyncio
+async def test_fork_results_of_a_failed_main_turn_go_with_the_next_one(
+    server: FakeParallServer, agent: AgentAccount, ada: User
+) -> None:
+    room_a, room_b = direct_chats(server, agent, ada, 2)
+    gates = Gates()
+    wake_ups = 0
+
+    async def fail_the_wake_up(turn: Turn) -> str | None:
+        nonlocal wake_ups
+        if turn.event.origin == "synthetic":
+            wake_ups += 1
+            raise RuntimeError("the model is down")
+        return await gates(turn)
+
+    runtime = ScriptedRuntime(fail_the_wake_up)
+    async with running(server, agent, runtime) as run:
+        await main_on_a_and_fork_on_b(run, ada, room_a, room_b)
+        gates.release(room_a.id)
+        await run.wait_for(lambda: len(runtime.finished) == 1)
+        gates.release(room_b.id)
+        await run.wait_for(lambda: wake_ups == 1 and not run.gateway.stats().main_busy)
+        server.post_message(room_a.id, ada.id, "a2")
+        await run.wait_for(lambda: runtime.turns[-1].event.text == "a2")
+        await run.wait_for(lambda: not run.pending())
+    assert wake_ups == 1  # no spinning on a failing runtime
+    assert runtime.turns[-1].body.startswith("[Fork result]\n[Handled: message — message from Ada")
+
+
+@pytest.mark.asyncio
+async def test_a_hanging_release_session_is_cancelled_after_its_timeout(
+    server: FakeParallServer, agent: AgentAccount, ada: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lanes_module, "RELEASE_TIMEOUT", 0.2)
+    room_a, room_b = direct_chats(server, agent, ada, 2)
+    gates = Gates()
+    release_cancelled = asyncio.Event()
+
+    class HangingRelease(ScriptedRuntime):
+        async def release_session(self, child: SessionRef, outcome: ForkOutcome) -> None:
+            self.released.append((child, outcome))
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                release_cancelled.set()
+                raise
+
+    runtime = HangingRelease(gates)
+    async with running(server, agent, runtime) as run:
+        await main_on_a_and_fork_on_b(run, ada, room_a, room_b)
+        gates.release(room_b.id)
+        await run.wait_for(lambda: release_cancelled.is_set())
+        gates.release(room_a.id)
+        gates.default_open = True
+        await run.wait_for(lambda: not run.pending() and run.gateway.stats().active_turns == 0)
+    assert len(runtime.released) == 1
+    assert any(t.body.startswith("[Fork result]") for t in runtime.turns)  # still reported
