@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: demo test lint typecheck pytest bench soak clean
+.PHONY: demo test lint typecheck pytest bench soak docs clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "parall_bridge needs Python 3.11+ (set PYTHON=python3.X)")'
@@ -29,7 +29,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.installed-dev
-	$(BIN)/mypy --strict parall_bridge tests
+	$(BIN)/mypy --strict parall_bridge tests benchmarks examples
 
 pytest: $(VENV)/.installed-dev
 	$(BIN)/pytest
@@ -41,6 +41,10 @@ bench: $(VENV)/.installed-dev
 
 soak: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.soak
+
+docs: $(PY)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	$(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info

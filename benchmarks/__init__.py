@@ -1,0 +1,1 @@
+"""Benchmarks and soak runs of parall_bridge (``make bench``, ``make soak``)."""
