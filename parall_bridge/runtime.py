@@ -10,10 +10,11 @@ typed events.
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import attrs
@@ -394,17 +395,32 @@ class Turn:
     def _emit(self, step_type: StepType, content: Mapping[str, Any]) -> None:
         event = self._events[-1]
         target_type, target_id = step_target(event)
-        step = AgentStep(
-            step_type=step_type,
-            target_type=target_type,
-            target_id=target_id,
-            content=content,
-            group_key=self._group_key,
-        )
         try:
+            step = AgentStep(
+                step_type=step_type,
+                target_type=target_type,
+                target_id=target_id,
+                content=json_safe(content),
+                group_key=self._group_key,
+            )
             self._record(step)
         except Exception:  # the recorder never raises into the host
             _log.exception("could not record a %s step", step_type.value)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+def json_safe(content: Mapping[str, Any]) -> dict[str, Any]:
+    """``content`` as plain JSON data: what JSON cannot hold (datetimes, sets, objects of
+    the host's own) becomes text, so a step can always be sent."""
+    safe: dict[str, Any] = json.loads(json.dumps(dict(content), default=_json_default))
+    return safe
 
 
 def step_target(event: ParallEvent) -> tuple[TargetType, str | None]:

@@ -35,7 +35,7 @@ from ..models import (
     TextContent,
 )
 from .lanes import Lanes
-from .ledger import ACTIVE, Claim, Ledger, Verdict
+from .ledger import ACTIVE, Claim, Ledger, Record, Verdict
 from .writer import PlatformWriter
 
 __all__ = ["ChatCache", "ItemOutcome", "Sources"]
@@ -162,21 +162,26 @@ class Sources:
             _log.debug("message %s already claimed (%s)", message.id, claim.verdict.value)
             return False
         try:
+            return await self._route_live(message)
+        finally:
+            # Whatever stopped it short of a lane (a filter, an error, a cancellation),
+            # the claim must not outlive it; once queued this is a no-op.
+            self._ledger.release(message.id)
+
+    async def _route_live(self, message: Message) -> bool:
+        try:
             chat = await self._chats.get(message.chat_id)
         except ParallError as exc:
             _log.warning(
                 "cannot resolve chat %s, skipping %s: %s", message.chat_id, message.id, str(exc)
             )
-            self._ledger.release(message.id)
             return False
         if not self._handled_live(message, chat):
             # Not for the live path; if the platform routes it anyway (smart mode),
             # dispatch.new or catch-up brings it back.
-            self._ledger.release(message.id)
             return False
         event = await self._message_event(message, chat, EventOrigin.LIVE, None)
         if event is None:
-            self._ledger.release(message.id)
             return False
         self._lanes.submit(event)
         return True
@@ -237,7 +242,14 @@ class Sources:
         claim = self._claim(message_id, SourceType.MESSAGE, message_id, origin, item.id)
         if not claim.claimed:
             return self._settle_unclaimed(claim.verdict, item)
-        record = claim.record
+        try:
+            return await self._dispatch_message_item(item, message_id, origin, claim.record)
+        finally:
+            self._ledger.release(message_id)  # a no-op once queued (see on_message)
+
+    async def _dispatch_message_item(
+        self, item: DispatchItem, message_id: str, origin: EventOrigin, record: Record | None
+    ) -> ItemOutcome:
         if record is not None and record.event is not None:
             # A failed event due for retry: the stored event is dispatched again.
             self._lanes.submit(record.event)
@@ -246,26 +258,21 @@ class Sources:
             message = await self._client.get_message(message_id)
         except NotFoundError:
             _log.info("message %s is gone: acking its dispatch item", message_id)
-            self._ledger.release(message_id)
             self._writer.ack_id(item.id)
             return ItemOutcome.ACKED
         except ParallError as exc:
             _log.warning("cannot fetch message %s, leaving it pending: %s", message_id, str(exc))
-            self._ledger.release(message_id)
             return ItemOutcome.LEFT_PENDING
         if message.sender_id == self._agent_id:
-            self._ledger.release(message_id)
             self._writer.ack_id(item.id)
             return ItemOutcome.ACKED
         try:
             chat = await self._chats.get(item.chat_id or message.chat_id)
         except ParallError as exc:
             _log.warning("cannot resolve chat of %s, leaving it pending: %s", message_id, str(exc))
-            self._ledger.release(message_id)
             return ItemOutcome.LEFT_PENDING
         event = await self._message_event(message, chat, origin, item.id)
         if event is None:
-            self._ledger.release(message_id)
             self._writer.ack_id(item.id)
             return ItemOutcome.ACKED
         self._lanes.submit(event)

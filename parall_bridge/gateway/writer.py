@@ -152,6 +152,9 @@ class PlatformWriter:
             self.stats.steps_failed += 1
             what = item.status if isinstance(item, _Status) else item.step.step_type
             _log.warning("could not write %s to the agent session: %s", what, str(exc))
+        except Exception:  # one bad write must not stop the writer: later ones still go
+            self.stats.steps_failed += 1
+            _log.exception("could not write a %s to the agent session", type(item).__name__)
 
     async def _ack(self, plan: AckPlan) -> None:
         try:

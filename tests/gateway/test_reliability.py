@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from datetime import UTC, datetime
 
 import pytest
 
 from parall_bridge import ParallClient, StepType, WsTicket
 from parall_bridge import protocol as p
+from parall_bridge.gateway.sources import ChatCache
 from parall_bridge.models import Chat, User
 from parall_bridge.runtime import Turn
 from parall_bridge.testing import AgentAccount, FakeParallServer
@@ -523,3 +525,63 @@ async def test_a_redelivered_event_does_not_post_its_reply_twice(
     replies = [m for m in server.messages(room.id) if m.sender_id == agent.user_id]
     assert attempts == 2
     assert len(replies) == 1
+
+
+# robustness -----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_steps_with_values_json_cannot_hold_are_written_and_later_steps_too(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    class Opaque:
+        def __str__(self) -> str:
+            return "<opaque handle>"
+
+    async def odd_args(turn: Turn) -> str | None:
+        when = datetime(2026, 1, 2, 3, 4, tzinfo=UTC)
+        turn.tool_call("c1", "schedule", {"when": when, "tags": {"a"}, "handle": Opaque()})
+        turn.text("scheduled")
+        return None
+
+    async with running(server, agent, ScriptedRuntime(odd_args)) as run:
+        server.post_message(room.id, ada.id, "book it")
+        await run.wait_for(lambda: len(run.steps(StepType.TEXT)) == 1)
+        server.post_message(room.id, ada.id, "and again")
+        await run.wait_for(lambda: len(run.steps(StepType.TEXT)) == 2)
+    kinds = [s.step_type for s in run.steps()]
+    assert kinds == ["input", "tool_call", "text"] * 2
+    call = run.steps(StepType.TOOL_CALL)[0]
+    assert call.content["args"] == {
+        "when": "2026-01-02T03:04:00+00:00",
+        "tags": ["a"],
+        "handle": "<opaque handle>",
+    }
+
+
+@pytest.mark.asyncio
+async def test_an_unexpected_error_after_a_claim_does_not_block_the_message(
+    server: FakeParallServer,
+    agent: AgentAccount,
+    ada: User,
+    room: Chat,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = 0
+    original = ChatCache.get
+
+    async def broken_once(self: ChatCache, chat_id: str) -> Chat:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in the live path")
+        return await original(self, chat_id)
+
+    monkeypatch.setattr(ChatCache, "get", broken_once)
+    async with running(server, agent) as run:
+        posted = server.post_message(room.id, ada.id, "still handled")
+        # The live path fails after claiming; dispatch.new, right behind it, takes it.
+        await run.wait_for(lambda: len(run.runtime.finished) == 1 and not run.pending())
+    assert calls >= 2
+    assert run.runtime.turns[0].event.message_id == posted.id
+    assert run.runtime.turns[0].event.origin == "dispatch_new"
