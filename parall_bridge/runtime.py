@@ -371,13 +371,17 @@ class Turn:
 
     # --- used by the gateway ----------------------------------------------------------
 
-    def _finish(self, reply: str | None) -> None:
-        """End the turn: flush reasoning, record the reply unless text was recorded."""
+    def _finish(self, reply: object) -> None:
+        """End the turn: flush reasoning, record the reply unless text was recorded.
+
+        A reply that is not a string (a host's mistake) is recorded as its ``str``.
+        """
         if self._ended:
             return
         self._flush_reasoning()
-        if reply and reply.strip() and not self._recorded_text:
-            self.text(reply)
+        text = reply if isinstance(reply, str) or reply is None else str(reply)
+        if text and text.strip() and not self._recorded_text:
+            self.text(text)
         self._ended = True
 
     def _abandon(self) -> None:

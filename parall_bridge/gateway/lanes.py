@@ -358,8 +358,8 @@ class Lanes:
                 self._writer.ack(self._ledger.succeeded(event.key))
             if lane.is_fork:
                 lane.handled.extend(events)
-                if reply:
-                    lane.last_reply = reply
+                if reply is not None:
+                    lane.last_reply = str(reply)
             return True
         finally:
             lane.running = False

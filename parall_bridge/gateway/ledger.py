@@ -250,7 +250,9 @@ class Ledger:
         """The turn succeeded: the record is done; returns the acks to send.
 
         A live event is acked by source (which covers every row that exists);
-        one found through dispatch rows is acked by their ids.
+        one found through dispatch rows is acked by their ids. When a newer version
+        of the same source is known (a task assigned again), only the ids are
+        acked, so the newer version's row stays pending until it ran.
         """
         record = self._require(key)
         record.state = WorkState.DONE
@@ -320,10 +322,13 @@ class Ledger:
     def _settle(self, record: Record) -> AckPlan:
         ids = tuple(sorted(record.dispatch_ids))
         record.dispatch_ids.clear()
-        if record.origin is EventOrigin.LIVE:
-            return AckPlan(source=(record.source_type, record.source_id))
-        if not ids:
-            return AckPlan(source=(record.source_type, record.source_id))
+        source = (record.source_type, record.source_id)
+        if self._by_source.get(source, record.key) != record.key:
+            # A newer version of this source (a task assigned again) is in the ledger: an
+            # ack by source would ack its row too, before it ran. Only this one's ids.
+            return AckPlan(dispatch_ids=ids)
+        if record.origin is EventOrigin.LIVE or not ids:
+            return AckPlan(source=source)
         return AckPlan(dispatch_ids=ids)
 
     def _require(self, key: str) -> Record:

@@ -877,3 +877,18 @@ def test_release_keeps_a_record_that_was_dispatched_before() -> None:
     assert record is not None
     assert record.state is WorkState.FAILED
     assert record.event is event
+
+
+def test_a_newer_version_of_a_source_keeps_its_row_out_of_the_older_ones_ack() -> None:
+    ledger = Ledger(capacity=10, max_attempts=3, retry_base=1.0)
+    for key in ("tsk_1@v1", "tsk_1@v2"):
+        claim = ledger.claim(
+            key, source_type="task_activity", source_id="tsk_1", origin=EventOrigin.LIVE, now=0
+        )
+        assert claim.claimed
+    ledger.attach(ledger.get("tsk_1@v1"), "dsp_1")  # type: ignore[arg-type]
+    older = ledger.succeeded("tsk_1@v1")
+    assert older.source is None  # by source would ack v2's row before v2 ran
+    assert older.dispatch_ids == ("dsp_1",)
+    newer = ledger.succeeded("tsk_1@v2")
+    assert newer.source == ("task_activity", "tsk_1")

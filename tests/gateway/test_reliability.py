@@ -585,3 +585,48 @@ async def test_an_unexpected_error_after_a_claim_does_not_block_the_message(
     assert calls >= 2
     assert run.runtime.turns[0].event.message_id == posted.id
     assert run.runtime.turns[0].event.origin == "dispatch_new"
+
+
+@pytest.mark.asyncio
+async def test_a_task_assigned_again_while_its_first_turn_runs_keeps_its_row_pending(
+    server: FakeParallServer, agent: AgentAccount, ada: User
+) -> None:
+    bob = server.add_user("Bob")
+    first, second = asyncio.Event(), asyncio.Event()
+
+    async def gated(turn: Turn) -> str | None:
+        await (first if len(run.runtime.turns) == 1 else second).wait()
+        return "ok"
+
+    async with running(server, agent, ScriptedRuntime(gated)) as run:
+        task = server.assign_task("Review", assignee_id=agent.user_id, creator_id=ada.id)
+        await run.wait_for(lambda: len(run.runtime.turns) == 1)
+        server.update_task(task.id, assignee_id=bob.id)
+        server.update_task(task.id, assignee_id=agent.user_id)  # a new assignment: a new row
+        await run.wait_for(lambda: run.gateway.stats().queued == 1)
+        first.set()
+        await run.wait_for(
+            lambda: run.gateway.stats().acks_sent >= 1 and len(run.runtime.turns) == 2
+        )
+        rows = server.dispatch_items(agent.user_id)
+        assert [row.source_id for row in rows] == [task.id]  # the new assignment's row, pending
+        second.set()
+        await run.wait_for(lambda: not server.dispatch_items(agent.user_id))
+    first_version, second_version = (t.event.updated_at for t in run.runtime.turns)
+    assert first_version != second_version
+
+
+@pytest.mark.asyncio
+async def test_a_reply_that_is_not_a_string_is_recorded_and_the_lane_goes_on(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    async def returns_a_dict(turn: Turn) -> str | None:
+        return {"answer": 42}  # type: ignore[return-value]
+
+    async with running(server, agent, ScriptedRuntime(returns_a_dict)) as run:
+        server.post_message(room.id, ada.id, "one")
+        await run.wait_for(lambda: not run.pending() and len(run.runtime.finished) == 1)
+        server.post_message(room.id, ada.id, "two")
+        await run.wait_for(lambda: not run.pending() and len(run.runtime.finished) == 2)
+    texts = [s.content["text"] for s in run.steps(StepType.TEXT)]
+    assert texts == ["{'answer': 42}", "{'answer': 42}"]
