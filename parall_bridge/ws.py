@@ -247,6 +247,7 @@ class _Ended:
     connected_for: float = 0.0
     error: BaseException | None = None
     last_seq: int = 0
+    ticket_error: bool = False
 
 
 class _Transport:
@@ -364,6 +365,7 @@ class ParallWs:
         self._pinger: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ready: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
         self._closed_event = asyncio.Event()
         self._fatal: WebSocketClosedError | None = None
         self._stopping = False
@@ -459,31 +461,51 @@ class ParallWs:
         if previous is state:
             return
         _log.info("connection state %s -> %s", previous.value, state.value)
+        if state is ConnectionState.CONNECTED:
+            self._wake_waiters(None)
+        elif state is ConnectionState.CLOSED:
+            self._wake_waiters(error or WebSocketClosedError(code, reason))
         change = StateChange(state, previous, code, reason, error)
         for handler in list(self._state_handlers):
             self._call(handler, change, "state change")
+
+    def _wake_waiters(self, error: BaseException | None) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
 
     # --- connect / disconnect ---------------------------------------------------------
 
     async def connect(self) -> None:
         """Connect and return once ``hello`` arrived.
 
+        While a connection is already being made (or remade after a drop), waits
+        for it instead of starting another.
+
         Raises:
-            ParallError: no URL, or the ticket could not be had.
-            ParallConnectionError: the first connection could not be made.
-            WebSocketClosedError: the server closed the first connection
-                (4003: forbidden) before ``hello``.
+            ParallError: no URL, or the ticket could not be had (an exception of
+                the ``get_ticket`` callable is raised as it is).
+            ParallConnectionError: the first connection could not be made, or was
+                closed before ``hello`` with a code that is not fatal (retry later).
+            WebSocketClosedError: the server closed the connection for good (4003).
         """
         if self._state is ConnectionState.CONNECTED:
             return
-        if self._runner is not None and not self._runner.done():
-            if self._ready is not None:
-                await asyncio.shield(self._ready)
-            return
         loop = asyncio.get_running_loop()
+        if self._runner is not None and not self._runner.done():
+            # Already connecting or reconnecting: wait for that to succeed or end for good.
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            await waiter
+            return
         self._stopping = False
         self._fatal = None
-        self._closed_event = asyncio.Event()
+        self._closed_event.clear()  # the same object: a wait_closed() begun earlier sees it
         self._ready = loop.create_future()
         self._set_state(ConnectionState.CONNECTING)
         self._runner = loop.create_task(self._run(), name="parall-ws-runner")
@@ -495,6 +517,7 @@ class ParallWs:
             raise
         except BaseException:
             await self._reap_runner()
+            await self._release_session()
             raise
 
     async def disconnect(self) -> None:
@@ -509,19 +532,30 @@ class ParallWs:
             await transport.close_quietly()
         await self._reap_runner()
         await self._stop_pinger()
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=HANDLER_SHUTDOWN_TIMEOUT)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(ParallConnectionError("disconnected before hello"))
             self._ready.exception()  # retrieved: connect() was cancelled or is gone
+        self._wake_waiters(ParallConnectionError("disconnected while connecting"))
         if self._state is not ConnectionState.CLOSED:
             self._set_state(ConnectionState.DISCONNECTED, code=p.CLOSE_NORMAL)
         self._closed_event.set()
+        await self._reap_handlers()  # after the last state change: its handlers too
         await self._release_session()
+
+    async def _reap_handlers(self) -> None:
+        """Let handler tasks finish (up to :data:`HANDLER_SHUTDOWN_TIMEOUT`), then cancel
+        the rest; the calling task (a handler that called :meth:`disconnect`) excepted."""
+        me = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HANDLER_SHUTDOWN_TIMEOUT
+        while others := [t for t in self._tasks if t is not me and not t.done()]:
+            remaining = deadline - loop.time()
+            if remaining > 0:
+                await asyncio.wait(others, timeout=remaining)
+                continue
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
     async def _release_session(self) -> None:
         if self._owns_session and self._session is not None:
@@ -578,7 +612,11 @@ class ParallWs:
         ticket_retries = 0
         last_ticket_rejected = False
         while not self._stopping:
-            ended = await self._connect_once()
+            try:
+                ended = await self._connect_once()
+            except Exception as exc:  # never let an attempt's surprise end the runner
+                _log.exception("WebSocket connection attempt failed unexpectedly")
+                ended = _Ended(error=exc)
             if self._stopping:
                 return
             first = self._ready is not None and not self._ready.done()
@@ -638,16 +676,21 @@ class ParallWs:
 
     def _fail_first(self, ended: _Ended) -> None:
         error: BaseException
-        if isinstance(ended.error, ParallError):
-            error = ended.error
+        if isinstance(ended.error, ParallError) or (ended.ticket_error and ended.error):
+            error = ended.error  # what the caller can act on, as raised
         elif ended.error is not None:
             error = ParallConnectionError(f"WebSocket connection failed: {ended.error}")
         elif ended.code is not None:
-            error = WebSocketClosedError(ended.code, ended.reason or "closed before hello")
+            # Not fatal (fatal codes were handled before): the caller may retry.
+            reason = f": {ended.reason}" if ended.reason else ""
+            error = ParallConnectionError(
+                f"WebSocket closed with code {ended.code} before hello{reason}"
+            )
         else:
             error = ParallConnectionError("WebSocket connection failed: closed before hello")
         self._stopping = True
         self._set_state(ConnectionState.DISCONNECTED, code=ended.code, reason=ended.reason)
+        self._wake_waiters(error)
         assert self._ready is not None
         self._ready.set_exception(error)
 
@@ -671,9 +714,9 @@ class ParallWs:
         """One attempt: ticket, upgrade, hello, then read until the connection ends."""
         try:
             ticket = await self._get_ticket()
-        except ParallError as exc:
+        except Exception as exc:  # the caller's ticket callable may raise anything
             _log.warning("could not get a WebSocket ticket: %s", type(exc).__name__)
-            return _Ended(error=exc)
+            return _Ended(error=exc, ticket_error=True)
         base = ticket.ws_url or self._ws_url
         if not base:
             return _Ended(
