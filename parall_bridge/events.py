@@ -122,7 +122,7 @@ class ParallEvent:
     sender_id: str
     sender_name: str
     body: str
-    text: str
+    text: str = ""
     created_at: datetime | None = None
     dispatch_id: str | None = None
     origin: EventOrigin = attrs.field(default=EventOrigin.LIVE, converter=EventOrigin)
