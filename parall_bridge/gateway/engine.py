@@ -279,11 +279,17 @@ class Engine:
             self._wake.clear()
             if self._stopping:
                 return
-            if self._catch_up_requested or self._clock() >= next_pass:
-                self._catch_up_requested = False
-                await self._catch_up()
+            try:
+                if self._catch_up_requested or self._clock() >= next_pass:
+                    self._catch_up_requested = False
+                    await self._catch_up()
+                    next_pass = self._clock() + interval
+                self.sources.retry_due()
+            except Exception:
+                # A bug must not end reconciliation for the rest of the run: the next
+                # pass (on the timer, or the next request) tries again.
+                _log.exception("reconciliation pass failed")
                 next_pass = self._clock() + interval
-            self.sources.retry_due()
 
     async def _catch_up(self) -> None:
         """One pass over the pending dispatch items, oldest first."""
@@ -305,7 +311,12 @@ class Engine:
         for item in items:
             if self._stopping:
                 return
-            outcome = await self.sources.on_item(item, EventOrigin.CATCH_UP, cutoff)
+            try:
+                outcome = await self.sources.on_item(item, EventOrigin.CATCH_UP, cutoff)
+            except Exception:
+                # One item must not stop the pass; it stays pending for the next one.
+                _log.exception("catch-up could not handle dispatch item %s", item.id)
+                outcome = ItemOutcome.LEFT_PENDING
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
         skipped = outcomes.get(ItemOutcome.SKIPPED_OLD, 0)
         if skipped:

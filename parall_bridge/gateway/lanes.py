@@ -338,6 +338,14 @@ class Lanes:
             async with asyncio.timeout(self._turn_timeout):
                 reply = await self._runtime.run_turn(turn)
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():
+                # The host's own cancellation escaped run_turn (nobody cancelled this
+                # turn): a failed turn, and this lane goes on.
+                turn._abandon()
+                lane.failed += len(events)
+                self._failed(turn, tracked, RuntimeError("run_turn raised CancelledError"))
+                return False
             turn._abandon()
             self.stats.turns_cancelled += 1
             now = self._clock()

@@ -35,7 +35,7 @@ from ..models import (
     TextContent,
 )
 from .lanes import Lanes
-from .ledger import ACTIVE, Claim, Ledger, Record, Verdict
+from .ledger import Claim, Ledger, Record, Verdict, WorkState
 from .writer import PlatformWriter
 
 __all__ = ["ChatCache", "ItemOutcome", "Sources"]
@@ -131,6 +131,9 @@ class Sources:
         self._writer = writer
         self._chats = chats
         self._clock = clock
+        # Live messages that arrived while a dispatch item of theirs was being fetched
+        # (at most one per claim in flight: popped when that claim ends).
+        self._parked: dict[str, Message] = {}
 
     def _claim(
         self,
@@ -159,6 +162,11 @@ class Sources:
             return False
         claim = self._claim(message.id, SourceType.MESSAGE, message.id, EventOrigin.LIVE)
         if not claim.claimed:
+            record = claim.record
+            if record is not None and record.state is WorkState.CLAIMED and record.event is None:
+                # A dispatch item of it is being fetched: keep the message in hand, in
+                # case that fetch fails (then it is routed from here, see _message_item).
+                self._parked[message.id] = message
             _log.debug("message %s already claimed (%s)", message.id, claim.verdict.value)
             return False
         try:
@@ -167,6 +175,7 @@ class Sources:
             # Whatever stopped it short of a lane (a filter, an error, a cancellation),
             # the claim must not outlive it; once queued this is a no-op.
             self._ledger.release(message.id)
+            self._parked.pop(message.id, None)
 
     async def _route_live(self, message: Message) -> bool:
         try:
@@ -243,9 +252,16 @@ class Sources:
         if not claim.claimed:
             return self._settle_unclaimed(claim.verdict, item)
         try:
-            return await self._dispatch_message_item(item, message_id, origin, claim.record)
+            outcome = await self._dispatch_message_item(item, message_id, origin, claim.record)
         finally:
             self._ledger.release(message_id)  # a no-op once queued (see on_message)
+            parked = self._parked.pop(message_id, None)
+        if parked is not None and outcome is ItemOutcome.LEFT_PENDING:
+            # The message arrived live while its fetch failed: it is in hand, so it is
+            # routed now rather than at the next reconcile pass.
+            _log.info("routing message %s from its live delivery", message_id)
+            await self.on_message(parked)
+        return outcome
 
     async def _dispatch_message_item(
         self, item: DispatchItem, message_id: str, origin: EventOrigin, record: Record | None
@@ -282,10 +298,8 @@ class Sources:
         task_id = item.task_id or item.source_id
         if not task_id:
             return ItemOutcome.LEFT_PENDING
-        current = self._ledger.by_source(SourceType.TASK_ACTIVITY, task_id)
-        if current is not None and current.state in ACTIVE:
-            self._ledger.attach(current, item.id)
-            return ItemOutcome.ATTACHED
+        # The row does not say which assignment it is: the task is fetched to know its
+        # version (a newer one than the turn running for the task must run too).
         try:
             task = await self._client.get_task(self._org_id, task_id)
         except NotFoundError:

@@ -26,7 +26,9 @@ __all__ = ["PlatformWriter", "WriterStats"]
 _log = logging.getLogger("parall_bridge.gateway.writer")
 
 QUEUE_LIMIT: Final = 10_000
-"""Most writes waiting in the ordered queue; past it the oldest steps are dropped (logged)."""
+"""Most steps waiting in the ordered queue; past it new steps are dropped (counted in
+:attr:`WriterStats.dropped` and logged), so what is written stays an ordered prefix.
+Status changes are never dropped (there are at most two per turn)."""
 
 
 @attrs.frozen
@@ -97,9 +99,11 @@ class PlatformWriter:
         if self._queue is None:
             _log.debug("writer not started: dropping a %s", type(item).__name__)
             return
-        if self._queue.qsize() >= QUEUE_LIMIT:
+        if isinstance(item, _Step) and self._queue.qsize() >= QUEUE_LIMIT:
             self.stats.dropped += 1
-            _log.warning("step queue full (%d): dropping a write", QUEUE_LIMIT)
+            _log.warning(
+                "step queue full (%d): dropping a %s step", QUEUE_LIMIT, item.step.step_type
+            )
             return
         self._queue.put_nowait(item)
 
