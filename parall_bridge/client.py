@@ -295,10 +295,12 @@ class ParallClient:
     def _host(self) -> str:
         return URL(self._base_url).host or self._base_url
 
-    @staticmethod
     def _api_error(
-        status: int, reason: str, text: str, method: str, path: str, retry_after: str | None
+        self, status: int, reason: str, text: str, method: str, path: str, retry_after: str | None
     ) -> ParallAPIError:
+        if self.__api_key and self.__api_key in text:
+            # A server (or a proxy) echoing the request's key: it must not reach an error.
+            text = text.replace(self.__api_key, "***")
         code, message = _parse_error_body(text)
         if message is None:
             message = f"{reason or 'HTTP error'} (non-JSON body)" if text.strip() else reason

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from parall_bridge import (
     UNSET,
@@ -618,3 +619,35 @@ async def test_api_key_never_in_logs_errors_or_reprs(
     assert any(r.levelname == "WARNING" for r in all_logs.records)  # retries were logged
     assert key not in text
     assert all(key not in str(r.__dict__) for r in all_logs.records)
+
+
+@pytest.mark.asyncio
+async def test_an_error_body_echoing_the_api_key_is_redacted() -> None:
+    """A server or proxy that echoes the request's credentials in its error page must not
+    carry the key into the exception (message, body excerpt, str or repr)."""
+    key = "pk_live_echoed_secret_0123456789"
+
+    async def echo(request: web.Request) -> web.Response:
+        auth = request.headers.get(p.HEADER_AUTHORIZATION, "")
+        return web.json_response(
+            {"error": {"code": "UNAUTHORIZED", "message": f"bad credentials: {auth}"}},
+            status=401,
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        async with ParallClient(f"http://127.0.0.1:{port}", key, retry=FAST_RETRY) as c:
+            with pytest.raises(AuthenticationError) as caught:
+                await c.get_me()
+    finally:
+        await runner.cleanup()
+    error = caught.value
+    assert "bad credentials: Bearer ***" in error.message
+    for text in (error.message, error.body, str(error), repr(error)):
+        assert key not in text
