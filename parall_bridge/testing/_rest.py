@@ -63,7 +63,7 @@ from ._state import (
     Wire,
 )
 
-__all__ = ["DEFAULT_PAGE_SIZE", "RestApi", "canonical_error", "fault_response"]
+__all__ = ["DEFAULT_PAGE_SIZE", "RestApi", "canonical_error", "fault_response", "parse_json"]
 
 _log = logging.getLogger("parall_bridge.testing.rest")
 
@@ -178,22 +178,27 @@ def _bearer(request: web.Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def _parse_json(raw: bytes) -> Any:
-    """The decoded body, ``None`` when empty; raises ``ValueError`` when not JSON."""
-    return json.loads(raw) if raw.strip() else None
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """The decoded body, ``None`` when empty; raises ``ValueError`` when not JSON (also
+    for ``NaN`` and ``Infinity``, which Python's parser takes but JSON has not)."""
+    return json.loads(raw, parse_constant=_reject_constant) if raw.strip() else None
 
 
 async def _body(request: web.Request) -> Any:
     """The JSON body (``None`` when empty); :class:`BadRequest` when not JSON."""
     try:
-        return _parse_json(await request.read())
+        return parse_json(await request.read())
     except ValueError as exc:
         raise BadRequest("body is not valid JSON") from exc
 
 
 def _recorded_json(raw: bytes) -> Any:
     try:
-        return _parse_json(raw)
+        return parse_json(raw)
     except ValueError:
         return None
 

@@ -184,6 +184,13 @@ def _require_str(body: Mapping[str, Any], name: str, *, non_empty: bool = True) 
     return value
 
 
+def _require_choice(value: Any, name: str, choices: frozenset[str]) -> str:
+    """``value`` if it is one of ``choices`` (a string), else :class:`BadRequest`."""
+    if not isinstance(value, str) or value not in choices:
+        raise BadRequest(f"{name} must be one of {sorted(choices)}")
+    return value
+
+
 def _enum_values(enum_cls: Iterable[Any]) -> frozenset[str]:
     return frozenset(str(member.value) for member in enum_cls)
 
@@ -654,9 +661,7 @@ class EmulatorState:
     @staticmethod
     def _source_of(body: Any) -> tuple[str, str]:
         body = _require_object(body)
-        source_type = body.get("source_type")
-        if source_type not in _SOURCE_TYPES:
-            raise BadRequest(f"source_type must be one of {sorted(_SOURCE_TYPES)}")
+        source_type = _require_choice(body.get("source_type"), "source_type", _SOURCE_TYPES)
         return source_type, _require_str(body, "source_id")
 
     def _matching(self, agent: str, body: Any) -> list[_DispatchRecord]:
@@ -773,10 +778,10 @@ class EmulatorState:
     def _check_task_values(self, changes: Mapping[str, Any]) -> None:
         if "title" in changes and not isinstance(changes["title"], str):
             raise BadRequest("title must be a string")
-        if "status" in changes and changes["status"] not in _TASK_STATUSES:
-            raise BadRequest(f"status must be one of {sorted(_TASK_STATUSES)}")
-        if "priority" in changes and changes["priority"] not in _TASK_PRIORITIES:
-            raise BadRequest(f"priority must be one of {sorted(_TASK_PRIORITIES)}")
+        if "status" in changes:
+            _require_choice(changes["status"], "status", _TASK_STATUSES)
+        if "priority" in changes:
+            _require_choice(changes["priority"], "priority", _TASK_PRIORITIES)
         description = changes.get("description")
         if description is not None and not isinstance(description, str):
             raise BadRequest("description must be a string or null")
@@ -934,12 +939,13 @@ class EmulatorState:
         expires_at = format_datetime(_now() + timedelta(seconds=self._ticket_ttl))
         return {"ticket": ticket, "ws_url": self.ws_url, "expires_at": expires_at}
 
-    def redeem_ticket(self, ticket: str) -> tuple[str, bool]:
-        """Use up a ticket; return (its user, whether their key was revoked since)."""
+    def redeem_ticket(self, ticket: str) -> tuple[str, str, bool]:
+        """Use up a ticket; return (its user, the key it was issued to, whether that key
+        was revoked since)."""
         record = self._tickets.pop(ticket, None)
         if record is None or time.monotonic() > record.expires:
             raise InvalidTicket("invalid, used or expired ticket")
-        return record.user_id, record.api_key in self._revoked
+        return record.user_id, record.api_key, record.api_key in self._revoked
 
     # --- agent sessions, steps, config ---------------------------------------------------
 
@@ -971,9 +977,7 @@ class EmulatorState:
     def update_session(self, agent: str, session_id: str, body: Any) -> Wire:
         """``PATCH .../sessions/{id}``: change the status."""
         session = self.session(agent, session_id)
-        status = _require_object(body).get("status")
-        if status not in _SESSION_STATUSES:
-            raise BadRequest(f"status must be one of {sorted(_SESSION_STATUSES)}")
+        status = _require_choice(_require_object(body).get("status"), "status", _SESSION_STATUSES)
         session["status"] = status
         return session
 

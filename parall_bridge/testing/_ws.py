@@ -30,7 +30,7 @@ from ..protocol import (
 )
 from ._faults import FaultInjector
 from ._records import ClientFrame, WsConnectionRecord
-from ._rest import canonical_error
+from ._rest import canonical_error, parse_json
 from ._state import EmulatorState, InvalidTicket
 
 __all__ = ["MAX_CLIENT_FRAME_SIZE", "WsHub"]
@@ -76,6 +76,7 @@ class _Connection:
     server waits for the client's close frame before dropping TCP)."""
 
     user_id: str
+    api_key: str = attrs.field(repr=False)  # the key its ticket was issued to
     ws: web.WebSocketResponse
     record: WsConnectionRecord
     queue: asyncio.Queue[_Outgoing] = attrs.field(factory=asyncio.Queue)
@@ -190,7 +191,9 @@ class WsHub:
         record = WsConnectionRecord(user_id=None, last_seq=last_seq, opened_at=datetime.now(UTC))
         self._records.append(record)
         try:
-            user_id, revoked = self._state.redeem_ticket(request.query.get(QUERY_TICKET, ""))
+            user_id, api_key, revoked = self._state.redeem_ticket(
+                request.query.get(QUERY_TICKET, "")
+            )
         except InvalidTicket:
             _log.debug("WebSocket with an invalid ticket: closing with %d", CLOSE_INVALID_TICKET)
             record.closed_code = CLOSE_INVALID_TICKET
@@ -203,7 +206,7 @@ class WsHub:
             await ws.close(code=code, message=b"key revoked" if revoked else b"shutting down")
             return ws
         record.ticket_ok = True
-        conn = _Connection(user_id=user_id, ws=ws, record=record)
+        conn = _Connection(user_id=user_id, api_key=api_key, ws=ws, record=record)
         self._start(conn, last_seq)
         try:
             assert conn.reader is not None
@@ -257,7 +260,7 @@ class WsHub:
 
     def _on_text(self, conn: _Connection, text: str) -> None:
         try:
-            decoded: Any = json.loads(text)
+            decoded: Any = parse_json(text.encode())
         except ValueError:
             decoded = None
         frame_type: str | None = None
@@ -339,6 +342,12 @@ class WsHub:
         """Start closing the open connections (all, or ``user_id``'s)."""
         for conn in self._matching(user_id):
             self._request_close(conn, code, reason)
+
+    def close_key_connections_soon(self, api_key: str, code: int, reason: str = "") -> None:
+        """Start closing the open connections whose ticket was issued to ``api_key``."""
+        for conn in self._open:
+            if conn.api_key == api_key:
+                self._request_close(conn, code, reason)
 
     async def send_raw(self, text: str, *, user_id: str | None = None) -> None:
         """Send a raw text frame on the open connections, in order with other frames;

@@ -253,10 +253,11 @@ class FakeParallServer:
         return self._state.add_api_key(user_id, api_key)
 
     def revoke_key(self, api_key: str) -> None:
-        """Revoke an API key: its REST calls answer 401, new tickets are refused,
-        and the open WebSockets of its user are closed with 4003."""
-        owner = self._state.revoke_key(api_key)
-        self._hub.close_connections_soon(CLOSE_FORBIDDEN, "key revoked", user_id=owner)
+        """Revoke an API key: its REST calls answer 401, its tickets are refused, and
+        the open WebSockets opened with it are closed with 4003 (those of another key
+        of the same user stay open)."""
+        self._state.revoke_key(api_key)
+        self._hub.close_key_connections_soon(api_key, CLOSE_FORBIDDEN, "key revoked")
 
     def add_chat(
         self,

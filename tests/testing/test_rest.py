@@ -10,6 +10,7 @@ import pytest
 
 from parall_bridge.models import MediaContent, Message, MessageType, TextContent
 from parall_bridge.protocol import (
+    ACK_DISPATCH,
     AGENT_CONFIG,
     AGENT_ME,
     COMPLETE_UPLOAD,
@@ -23,6 +24,7 @@ from parall_bridge.protocol import (
     LIST_CHATS,
     LIST_MEMBER_CHATS,
     LIST_REPLIES,
+    MARK_DISPATCH_RECEIVED,
     ME,
     PRESIGN_UPLOAD,
     SEND_MESSAGE,
@@ -32,7 +34,7 @@ from parall_bridge.protocol import (
 )
 from parall_bridge.testing import FakeParallServer
 
-from ._helpers import Api
+from ._helpers import Api, Reply
 
 ApiFactory = Callable[[str | None], Api]
 
@@ -623,3 +625,60 @@ async def test_sessions_steps_and_config(parall_server: FakeParallServer, api: A
         CREATE_AGENT_SESSION, body={"runtime_type": "x", "runtime_key": "y"}, agent_id=other.user_id
     )
     assert_canonical_error(reply, 403, "FORBIDDEN")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("target", "body"),
+    [
+        ("task", {"status": ["done"]}),
+        ("task", {"priority": {"level": "high"}}),
+        ("ack", {"source_type": ["message"], "source_id": "msg_x"}),
+        ("received", {"source_type": {}, "source_id": "msg_x"}),
+        ("session", {"status": ["idle"]}),
+    ],
+)
+async def test_a_field_of_the_wrong_json_type_is_a_canonical_400(
+    parall_server: FakeParallServer, api: ApiFactory, target: str, body: dict[str, Any]
+) -> None:
+    """A client's mistake, not server trouble: never aiohttp's plain-text 500."""
+    agent = parall_server.add_agent("Bot")
+    human = parall_server.add_user("Ada")
+    task = parall_server.assign_task("T", assignee_id=human.id, creator_id=human.id)
+    client = api(agent.api_key)
+    session = await client.ok(
+        CREATE_AGENT_SESSION,
+        body={"runtime_type": "test", "runtime_key": "k"},
+        agent_id=agent.user_id,
+    )
+    endpoint, path = {
+        "task": (UPDATE_TASK, {"task_id": task.id}),
+        "ack": (ACK_DISPATCH, {}),
+        "received": (MARK_DISPATCH_RECEIVED, {}),
+        "session": (
+            UPDATE_AGENT_SESSION,
+            {"agent_id": agent.user_id, "session_id": session["id"]},
+        ),
+    }[target]
+    assert_canonical_error(await client.call(endpoint, body=body, **path), 400, "BAD_REQUEST")
+
+
+@pytest.mark.asyncio
+async def test_nan_and_infinity_are_not_json(
+    parall_server: FakeParallServer, api: ApiFactory, http: aiohttp.ClientSession
+) -> None:
+    """Python's parser takes ``NaN`` and ``Infinity``; JSON has neither, so a body with
+    them is refused, never stored and echoed to every client as invalid JSON."""
+    agent = parall_server.add_agent("Bot")
+    human = parall_server.add_user("Ada")
+    chat = parall_server.add_chat(type="direct", members=[human.id, agent.user_id])
+    raw = '{"message_type": "text", "content": {"text": "x"}, "hints": {"weight": Infinity}}'
+    client = api(agent.api_key)
+    async with http.post(
+        client.url(SEND_MESSAGE, chat_id=chat.id),
+        data=raw,
+        headers={"Authorization": f"Bearer {agent.api_key}", "Content-Type": "application/json"},
+    ) as resp:
+        reply = Reply(resp.status, dict(resp.headers), await resp.text())
+    assert_canonical_error(reply, 400, "BAD_REQUEST")
+    assert parall_server.messages(chat.id) == []

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
-from parall_bridge.protocol import WS_TICKET
+from parall_bridge.protocol import ME, WS_TICKET
 from parall_bridge.testing import AgentAccount, FakeParallServer
 
 from ._helpers import Api, nothing_arrives, receive, receive_close
@@ -398,6 +398,22 @@ async def test_revoke_key_closes_with_4003(
     late = await connect_raw(http, spare)  # a ticket issued before the revocation
     assert await receive_close(late) == 4003
     assert [r.closed_code for r in parall_server.ws_connections] == [4003, 4003]
+
+
+@pytest.mark.asyncio
+async def test_revoking_a_key_leaves_the_websocket_of_another_key_of_the_user_open(
+    parall_server: FakeParallServer, api: ApiFactory
+) -> None:
+    """4003 means "this key was revoked": a connection opened with another, still valid
+    key of the same user must not get it (its client would stop for good)."""
+    agent, human_id, chat_id = seed(parall_server)
+    second = api(parall_server.add_api_key(agent.user_id))
+    ws = await second.open_ws()
+    parall_server.revoke_key(agent.api_key)
+    await second.ok(ME)  # the second key still works
+    parall_server.post_message(chat_id, human_id, "still there?")
+    assert (await receive(ws))["type"] == "message.new"
+    await ws.close()
 
 
 @pytest.mark.asyncio
