@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import json
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime
@@ -133,11 +134,12 @@ class Text:
 
 @attrs.frozen
 class ToolCall:
-    """The agent called a tool."""
+    """The agent called a tool; ``args`` is a mapping or a JSON string (see
+    :meth:`Turn.tool_call`)."""
 
     call_id: str
     name: str
-    args: Mapping[str, Any] = attrs.field(factory=dict)
+    args: Mapping[str, Any] | str = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -333,7 +335,7 @@ class Turn:
         if self._ended:
             return
         if text:
-            self._reasoning.append(text)
+            self._reasoning.append(text if isinstance(text, str) else str(text))
         if done:
             self._flush_reasoning()
 
@@ -344,18 +346,22 @@ class Turn:
 
     def text(self, text: str) -> None:
         """Plain text from the agent: recorded as a suppressed text step, never posted."""
+        text = text if isinstance(text, str) else str(text)
         if self._ended or not text.strip():
             return
         self._flush_reasoning()
         self._recorded_text = True
         self._emit(StepType.TEXT, {"text": text.strip(), "suppressed": True})
 
-    def tool_call(self, call_id: str, name: str, args: Mapping[str, Any] | None = None) -> None:
-        """The agent called a tool."""
+    def tool_call(
+        self, call_id: str, name: str, args: Mapping[str, Any] | str | None = None
+    ) -> None:
+        """The agent called a tool. ``args`` may be a mapping or, as many model SDKs give
+        it, a JSON string (decoded when it holds an object, else recorded as it is)."""
         if self._ended:
             return
         self._flush_reasoning()
-        self._emit(StepType.TOOL_CALL, {"call_id": call_id, "name": name, "args": dict(args or {})})
+        self._emit(StepType.TOOL_CALL, {"call_id": call_id, "name": name, "args": tool_args(args)})
 
     def tool_result(self, call_id: str, output: Any = None, error: str | None = None) -> None:
         """A tool call returned ``output`` or failed with ``error``."""
@@ -412,19 +418,44 @@ class Turn:
             _log.exception("could not record a %s step", step_type.value)
 
 
-def _json_default(value: object) -> object:
+def tool_args(args: object) -> object:
+    """A tool call's arguments as recorded: a mapping as a dict, a JSON string holding
+    an object decoded, anything else as it is (made JSON-safe with the step)."""
+    if args is None:
+        return {}
+    if isinstance(args, Mapping):
+        return dict(args)
+    if isinstance(args, str | bytes):
+        try:
+            decoded = json.loads(args)
+        except ValueError:
+            return args if isinstance(args, str) else args.decode(errors="replace")
+        if isinstance(decoded, dict):
+            return decoded
+        return args if isinstance(args, str) else args.decode(errors="replace")
+    return args
+
+
+def _plain(value: object) -> object:
+    """``value`` as data JSON can hold: what it cannot (datetimes, sets, NaN, objects of
+    the host's own) becomes text."""
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(item) for item in value]
     if isinstance(value, datetime | date):
         return value.isoformat()
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
     return str(value)
 
 
 def json_safe(content: Mapping[str, Any]) -> dict[str, Any]:
-    """``content`` as plain JSON data: what JSON cannot hold (datetimes, sets, objects of
-    the host's own) becomes text, so a step can always be sent."""
-    safe: dict[str, Any] = json.loads(json.dumps(dict(content), default=_json_default))
-    return safe
+    """``content`` as plain JSON data: what JSON cannot hold (datetimes, sets, NaN,
+    objects of the host's own) becomes text, so a step can always be sent."""
+    return {str(key): _plain(value) for key, value in content.items()}
 
 
 def step_target(event: ParallEvent) -> tuple[TargetType, str | None]:

@@ -33,6 +33,8 @@ from parall_bridge.runtime import (
     ToolCall,
     ToolResult,
     Turn,
+    json_safe,
+    tool_args,
 )
 from parall_bridge.testing import AgentAccount, FakeParallServer
 
@@ -679,3 +681,18 @@ def test_small_public_types() -> None:
     assert SessionRef("k", handle=object()) == SessionRef("k", handle=object())
     info = GatewayInfo(agent_id="usr_bot", org_id="org_1", account_id="a", session_id=None)
     assert info.session_id is None
+
+
+def test_tool_args_takes_mappings_json_strings_and_anything_else() -> None:
+    assert tool_args(None) == {}
+    assert tool_args({"q": 1}) == {"q": 1}
+    assert tool_args('{"q": 1}') == {"q": 1}
+    assert tool_args(b'{"q": 1}') == {"q": 1}
+    assert tool_args("[1, 2]") == "[1, 2]"  # JSON, but not an object: kept as sent
+    assert tool_args("not json") == "not json"
+    assert tool_args([1, 2]) == [1, 2]
+
+
+def test_json_safe_turns_non_finite_numbers_into_text() -> None:
+    content = {"score": float("nan"), "limits": (float("inf"), -float("inf"), 1.5)}
+    assert json_safe(content) == {"score": "nan", "limits": ["inf", "-inf", 1.5]}

@@ -295,7 +295,9 @@ class Engine:
         """One pass over the pending dispatch items, oldest first."""
         first = self._catch_up_count == 0
         window = self.config.cold_start_window
-        cutoff = datetime.now(UTC) - timedelta(seconds=window) if first and window else None
+        cutoff = (
+            datetime.now(UTC) - timedelta(seconds=window) if first and window is not None else None
+        )
         items: list[DispatchItem] = []
         try:
             # Listed fully before any is handled: acks during paging must not shift pages.

@@ -377,6 +377,14 @@ class Sources:
             url = attachment.url or await self._file_url(attachment.id)
             if url:
                 attachments.append(EventAttachment(attachment.mime_type or "file", url))
+        for attachment_id in message.attachment_ids:
+            # Ids the server listed without their objects (PROTOCOL.md allows either).
+            if attachment_id in seen:
+                continue
+            seen.add(attachment_id)
+            url = await self._file_url(attachment_id)
+            if url:
+                attachments.append(EventAttachment("file", url))
         return ParallEvent.message(
             chat_id=message.chat_id,
             message_id=message.id,

@@ -1,15 +1,18 @@
 """Gateway edge cases found in review: a first connection closed before hello, a newer
-task assignment found by catch-up, a host's own CancelledError, and a live message whose
-catch-up fetch fails. Each test fails on the code as it was before its fix."""
+task assignment found by catch-up, a host's own CancelledError, a live message whose
+catch-up fetch fails, an unexpected error in catch-up, attachment ids without their
+objects, tool arguments as a JSON string, and a cold-start window of 0. Each test fails on
+the code as it was before its fix."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import datetime
+from typing import Any, cast
 
 import pytest
 
-from parall_bridge import DispatchItem, EventOrigin
+from parall_bridge import DispatchItem, EventOrigin, StepType
 from parall_bridge import protocol as p
 from parall_bridge.gateway.sources import ItemOutcome, Sources
 from parall_bridge.runtime import Turn
@@ -156,3 +159,94 @@ async def test_an_unexpected_error_on_one_item_does_not_stop_catch_up(
         await run.gateway.feed(p.FRAME_RECOVERY_OVERFLOW, {})  # the next pass
         await run.wait_for(lambda: runtime.texts() == [["second"], ["first"]])
         assert not run.pending()
+
+
+@pytest.mark.asyncio
+async def test_text_message_with_attachment_ids_only_gets_a_media_url(
+    server: FakeParallServer, agent: AgentAccount
+) -> None:
+    """PROTOCOL.md, Objects, ``Message``: "``attachment_ids`` (list, may be absent),
+    ``attachments`` (list, may be absent ...). A ``text`` message may carry attachments
+    too: they belong in the event body like a file message's."
+    DESIGN.md section 3, Inbound filters: "file messages, and attachments on text
+    messages, get a media URL each"; section 5: "``[Attachment: type url]`` (one line
+    per attachment, the file message's own and any on a text message)".
+
+    A server may send ``attachment_ids`` without the ``attachments`` objects: the
+    attachment must still reach the body (its URL from ``get_file_url``).
+    """
+    ada = server.add_user("Ada")
+    chat = server.add_chat(type="direct", members=[ada.id, agent.user_id])
+    attachment = server.add_attachment(b"png", file_name="a.png", mime_type="image/png")
+    frame: dict[str, Any] = {
+        "id": "msg_ids_only",
+        "chat_id": chat.id,
+        "sender_id": ada.id,
+        "sender": {"id": ada.id, "display_name": "Ada", "type": "human"},
+        "message_type": "text",
+        "content": {"text": "see this"},
+        "attachment_ids": [attachment],
+    }
+    async with running(server, agent) as run:
+        assert await run.gateway.feed(p.FRAME_MESSAGE_NEW, frame)
+        await run.wait_for(lambda: len(run.runtime.finished) == 1)
+    body = run.runtime.turns[0].body
+    attachment_lines = [line for line in body.splitlines() if line.startswith("[Attachment: ")]
+    assert len(attachment_lines) == 1, body
+    assert attachment in attachment_lines[0]
+    assert body.endswith("\n\nsee this")
+
+
+@pytest.mark.asyncio
+async def test_tool_call_recorder_never_raises_on_json_string_args(
+    server: FakeParallServer, agent: AgentAccount
+) -> None:
+    """DESIGN.md section 4: "Recorder methods on ``Turn``, synchronous, ordered, never
+    raising ... ``tool_call(call_id, name, args)``"; PROTOCOL.md ``AgentStep``:
+    "tool_call: ``{call_id, name, args}``".
+
+    Streaming SDKs hand tool arguments over as a JSON string (OpenAI's
+    ``function.arguments``); recording one must not raise into the host's turn (which
+    would fail the turn and leave the event unacked).
+    """
+    raised: list[BaseException] = []
+
+    async def behaviour(turn: Turn) -> str | None:
+        try:
+            turn.tool_call("call_1", "lookup", cast(Any, '{"q": "x"}'))
+        except Exception as exc:  # recorded, so the test reports it rather than a failed turn
+            raised.append(exc)
+        turn.tool_result("call_1", "found")
+        return "done"
+
+    ada = server.add_user("Ada")
+    chat = server.add_chat(type="direct", members=[ada.id, agent.user_id])
+    async with running(server, agent, ScriptedRuntime(behaviour)) as run:
+        server.post_message(chat.id, ada.id, "look it up")
+        await run.wait_for(lambda: len(run.runtime.finished) == 1)
+        await run.wait_for(lambda: not run.pending())
+    assert raised == []
+    calls = run.steps(StepType.TOOL_CALL)
+    assert [c.content for c in calls] == [
+        {"call_id": "call_1", "name": "lookup", "args": {"q": "x"}}
+    ]
+
+
+@pytest.mark.asyncio
+async def test_cold_start_window_zero_skips_every_pending_item_on_the_first_pass(
+    server: FakeParallServer, agent: AgentAccount
+) -> None:
+    """DESIGN.md section 3, Catch-up: "on the first catch-up pass of a process skip (ack,
+    logged at WARNING) items older than the cold-start window (5 min; ``None`` turns
+    this off)"; issue 8: "``cold_start_window=None`` turns the cold-start skip off".
+
+    Only ``None`` turns the skip off: with a window of 0 s every pending item is older
+    than the window, so the first pass acks it without a turn.
+    """
+    ada = server.add_user("Ada")
+    chat = server.add_chat(type="direct", members=[ada.id, agent.user_id])
+    server.post_message(chat.id, ada.id, "from before the start")
+    server.age_dispatch_items(60)
+    async with running(server, agent, cold_start_window=0.0) as run:
+        await run.wait_for(lambda: not run.pending())
+    assert run.runtime.texts() == []
