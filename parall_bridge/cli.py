@@ -2,8 +2,17 @@
 
 - ``demo``: run the library against the built-in Parall emulator and show what
   happens (what ``make demo`` runs).
+- ``run MODULE:NAME``: run the gateway with a host's runtime (an
+  :class:`~parall_bridge.AgentRuntime` subclass, instance or factory, imported
+  from ``MODULE``) on the configuration of the ``PRLL_*`` environment variables,
+  until SIGINT or SIGTERM.
+- ``check``: check that configuration without running anything: the key and
+  the agent, the platform config, the dispatch queue, a WebSocket ``hello``.
 - ``emulator``: serve the Parall emulator on a local port until interrupted,
   printing its URL and an agent API key, to point a client or gateway at.
+
+Exit status: 0 on success, 1 when the platform refused or failed, 2 on a usage
+or configuration error.
 """
 
 from __future__ import annotations
@@ -11,12 +20,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
+import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["main"]
+from .client import ParallClient
+from .errors import ConfigurationError, ParallError
+from .gateway import Gateway, GatewayConfig
+from .routing import RoutingStrategy, SerialRoutingStrategy
+from .runtime import AgentRuntime
+from .ws import ParallWs, ws_url_from_base
+
+__all__ = ["check", "load_runtime", "main", "run_gateway"]
+
+CHECK_WS_TIMEOUT = 15.0
+"""How long ``check`` waits for the WebSocket ``hello``."""
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _print(text: str = "") -> None:
@@ -52,11 +74,131 @@ async def _emulator(port: int) -> int:
     return 0
 
 
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def load_runtime(spec: str) -> AgentRuntime:
+    """The runtime named by ``"module:name"`` (``name`` may be dotted): an
+    :class:`AgentRuntime` instance, or a class or factory called without arguments.
+
+    Raises:
+        ConfigurationError: the spec is malformed, the module cannot be imported, or
+            the name is not a runtime.
+    """
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(f"runtime must be 'module:name', got {spec!r}")
+    try:
+        target: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigurationError(f"{module_name!r} has no {attribute!r}") from None
+    if isinstance(target, AgentRuntime):
+        return target
+    if callable(target):
+        made = target()
+        if isinstance(made, AgentRuntime):
+            return made
+    raise ConfigurationError(
+        f"{spec} is not an AgentRuntime, a subclass of it, or a factory of one"
+    )
+
+
+async def run_gateway(
+    config: GatewayConfig,
+    runtime: AgentRuntime,
+    *,
+    routing: RoutingStrategy | None = None,
+    stop: asyncio.Event | None = None,
+    out: Callable[[str], None] = _print,
+) -> int:
+    """Run a gateway until ``stop`` is set (SIGINT or SIGTERM when not given); returns
+    the exit status (1 when the platform refused the key or closed for good)."""
+    if stop is None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+    gateway = Gateway(config, runtime, routing=routing)
+    try:
+        await gateway.start(stop)
+    except ParallError as exc:
+        out(f"gateway stopped: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+async def check(config: GatewayConfig, out: Callable[[str], None] = _print) -> int:
+    """Check a configuration against the platform, printing one line per check; returns
+    the exit status (1 when a check failed). Nothing is written to the platform."""
+    failed = False
+
+    def report(ok: bool, what: str, detail: str) -> None:
+        nonlocal failed
+        failed = failed or not ok
+        out(f"{'ok  ' if ok else 'FAIL'}  {what}: {detail}")
+
+    async with ParallClient(config.parall_url, config.api_key) as client:
+        try:
+            me = await client.get_agent_me(config.org_id)
+        except ParallError as exc:
+            report(False, "agent", f"{type(exc).__name__}: {exc}")
+            return EXIT_FAILED
+        if config.agent_id is not None and me.id != config.agent_id:
+            report(False, "agent", f"the key is {me.id}'s, PRLL_AGENT_ID is {config.agent_id}")
+        else:
+            report(True, "agent", f"{me.display_name or me.id} ({me.id}) in {config.org_id}")
+        try:
+            platform = await client.get_agent_config(config.org_id, me.id)
+            report(True, "platform config", f"version {platform.version}")
+        except ParallError as exc:
+            report(False, "platform config", f"{type(exc).__name__}: {exc}")
+        try:
+            page = await client.get_dispatch(config.org_id, limit=100)
+            count = f"{len(page.data)}{'+' if page.has_more else ''}"
+            report(True, "dispatch queue", f"{count} pending item(s)")
+        except ParallError as exc:
+            report(False, "dispatch queue", f"{type(exc).__name__}: {exc}")
+        ws = ParallWs(
+            client.get_ws_ticket,
+            config.ws_url or ws_url_from_base(config.parall_url),
+            reconnect=False,
+        )
+        try:
+            async with asyncio.timeout(CHECK_WS_TIMEOUT):
+                await ws.connect()
+            report(True, "WebSocket", f"hello received (session {ws.session_id})")
+        except (ParallError, TimeoutError) as exc:
+            report(False, "WebSocket", f"{type(exc).__name__}: {exc}")
+        finally:
+            await ws.disconnect()
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _config_from_env(env: Mapping[str, str] | None = None) -> GatewayConfig | None:
+    try:
+        return GatewayConfig.from_env(env)
+    except ConfigurationError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = argparse.ArgumentParser(prog="parall-bridge", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="run the library against the built-in emulator")
+    run = commands.add_parser("run", help="run the gateway with a host's runtime")
+    run.add_argument("runtime", help="MODULE:NAME of an AgentRuntime (class, instance, factory)")
+    run.add_argument("--serial", action="store_true", help="never fork (SerialRoutingStrategy)")
+    run.add_argument("--log-level", default="INFO", help="logging level (INFO)")
+    commands.add_parser("check", help="check the PRLL_* configuration against the platform")
     emulator = commands.add_parser("emulator", help="serve the Parall emulator locally")
     emulator.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (8765)")
     args = parser.parse_args(argv)
@@ -64,4 +206,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         return asyncio.run(run_demo(_print))
-    return asyncio.run(_emulator(args.port))
+    if args.command == "emulator":
+        return asyncio.run(_emulator(args.port))
+    config = _config_from_env()
+    if config is None:
+        return EXIT_USAGE
+    if args.command == "check":
+        return asyncio.run(check(config))
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # "examples.echo_host:EchoRuntime" from a checkout
+    try:
+        runtime = load_runtime(args.runtime)
+    except ConfigurationError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    routing = SerialRoutingStrategy() if args.serial else None
+    return asyncio.run(run_gateway(config, runtime, routing=routing))

@@ -1,10 +1,18 @@
-"""The command line: the demo runs end to end (a smoke test, so it cannot rot)."""
+"""The command line: the demo end to end (a smoke test, so it cannot rot), ``check`` and
+``run`` against the emulator, and their usage errors."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from parall_bridge.cli import main
+from parall_bridge import ConfigurationError, GatewayConfig
+from parall_bridge.cli import check, load_runtime, main, run_gateway
+from parall_bridge.testing import AgentAccount, FakeParallServer
+
+from .conftest import library_tasks
+from .gateway._harness import ScriptedRuntime, make_config
 
 
 def test_demo_runs_the_gateway_and_traces_what_happened(
@@ -29,3 +37,141 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit) as info:
         main(["nope"])
     assert info.value.code == 2
+
+
+# --- check -------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_check_reports_each_part_of_a_working_configuration(
+    server: FakeParallServer, agent: AgentAccount
+) -> None:
+    ada = server.add_user("Ada")
+    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
+    server.post_message(room.id, ada.id, "waiting")
+    lines: list[str] = []
+    assert await check(make_config(server, agent, agent_id=agent.user_id), lines.append) == 0
+    assert lines == [
+        f"ok    agent: Bot ({agent.user_id}) in {server.org_id}",
+        "ok    platform config: version 1",
+        "ok    dispatch queue: 1 pending item(s)",
+        f"ok    WebSocket: hello received (session {server.ws_connections[0].session_id})",
+    ]
+    assert [r.method for r in server.requests if r.method != "GET"] == ["POST"]  # the ticket
+    assert server.dispatch_items(agent.user_id)  # nothing acked
+
+
+@pytest.mark.asyncio
+async def test_check_fails_on_a_bad_key_without_showing_it(server: FakeParallServer) -> None:
+    lines: list[str] = []
+    config = GatewayConfig(server.url, "pk_wrong_secret_0123456789", server.org_id)
+    assert await check(config, lines.append) == 1
+    assert len(lines) == 1
+    assert lines[0].startswith("FAIL  agent: AuthenticationError")
+    assert "pk_wrong_secret_0123456789" not in lines[0]
+
+
+@pytest.mark.asyncio
+async def test_check_fails_on_a_wrong_agent_id_and_a_refused_websocket(
+    server: FakeParallServer, agent: AgentAccount
+) -> None:
+    server.refuse_ws(1, status=503)
+    lines: list[str] = []
+    assert await check(make_config(server, agent, agent_id="usr_other"), lines.append) == 1
+    assert lines[0] == f"FAIL  agent: the key is {agent.user_id}'s, PRLL_AGENT_ID is usr_other"
+    assert lines[-1].startswith("FAIL  WebSocket: ")
+    assert not library_tasks()
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+class NamedRuntime(ScriptedRuntime):
+    """A runtime class that ``load_runtime`` can find by name."""
+
+
+def make_runtime() -> NamedRuntime:
+    return NamedRuntime()
+
+
+INSTANCE = NamedRuntime()
+NOT_A_RUNTIME = 42
+
+
+def test_load_runtime_takes_a_class_an_instance_or_a_factory() -> None:
+    assert isinstance(load_runtime(f"{__name__}:NamedRuntime"), NamedRuntime)
+    assert load_runtime(f"{__name__}:INSTANCE") is INSTANCE
+    assert isinstance(load_runtime(f"{__name__}:make_runtime"), NamedRuntime)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_colon", "must be 'module:name'"),
+        ("no_such_module_anywhere:X", "cannot import 'no_such_module_anywhere'"),
+        (f"{__name__}:Missing", "has no 'Missing'"),
+        (f"{__name__}:NOT_A_RUNTIME", "is not an AgentRuntime"),
+    ],
+)
+def test_load_runtime_explains_a_bad_spec(spec: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        load_runtime(spec)
+
+
+@pytest.mark.asyncio
+async def test_run_gateway_runs_until_stopped(
+    server: FakeParallServer, agent: AgentAccount
+) -> None:
+    ada = server.add_user("Ada")
+    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
+    runtime = ScriptedRuntime()
+    stop = asyncio.Event()
+    lines: list[str] = []
+    task = asyncio.get_running_loop().create_task(
+        run_gateway(make_config(server, agent), runtime, stop=stop, out=lines.append)
+    )
+    try:
+        await server.wait_for(lambda: bool(server.ws_connections))
+        server.post_message(room.id, ada.id, "hello")
+        await server.wait_for(lambda: len(runtime.finished) == 1)
+        await server.wait_for(lambda: not server.dispatch_items(agent.user_id))
+    finally:
+        stop.set()
+        status = await asyncio.wait_for(task, 30.0)
+    assert status == 0
+    assert lines == []
+    assert server.sessions(agent.user_id)[-1].status == "completed"
+
+
+@pytest.mark.asyncio
+async def test_run_gateway_fails_on_a_bad_key(server: FakeParallServer) -> None:
+    lines: list[str] = []
+    config = GatewayConfig(server.url, "pk_wrong_secret_0123456789", server.org_id)
+    assert await run_gateway(config, ScriptedRuntime(), stop=asyncio.Event(), out=lines.append) == 1
+    assert lines == [lines[0]]
+    assert lines[0].startswith("gateway stopped: AuthenticationError")
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def test_check_and_run_need_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("PRLL_API_URL", "PRLL_API_KEY", "PRLL_ORG_ID", "PRLL_WS_URL", "PRLL_AGENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["check"]) == 2
+    assert "PRLL_API_URL" in capsys.readouterr().err
+    assert main(["run", f"{__name__}:NamedRuntime"]) == 2
+
+
+def test_run_with_a_bad_runtime_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PRLL_API_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("PRLL_API_KEY", "pk_unused_0123456789")
+    monkeypatch.setenv("PRLL_ORG_ID", "org_x")
+    assert main(["run", "no_colon", "--log-level", "warning"]) == 2
+    err = capsys.readouterr().err
+    assert "must be 'module:name'" in err
+    assert "pk_unused_0123456789" not in err
