@@ -42,6 +42,10 @@ HOOK_TIMEOUT: Final = 30.0
 """Seconds ``on_dead_letter`` may take before it is cancelled."""
 ERROR_MESSAGE_LIMIT: Final = 500
 """Characters of an exception's text kept in an error step."""
+TURN_CANCEL_TIMEOUT: Final = 5.0
+"""Seconds a cancelled turn (timed out, or at shutdown) may take to end; a ``run_turn``
+that swallows its cancellation is abandoned after this (logged), so neither its lane nor
+shutdown waits for it forever."""
 
 
 @attrs.define(eq=False)
@@ -117,6 +121,7 @@ class Lanes:
         self._fork_results: list[ForkResult] = []
         self._workers = TaskSet(_log)
         self._hooks = TaskSet(_log)
+        self._abandoned: set[asyncio.Task[str | None]] = set()
         self._active_turns = 0
         self._closing = False
         self._synthetic_seq = 0
@@ -335,17 +340,9 @@ class Lanes:
         self._begin(turn, tracked)
         lane.running = True
         try:
-            async with asyncio.timeout(self._turn_timeout):
-                reply = await self._runtime.run_turn(turn)
+            reply = await self._run_bounded(turn)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is None or not task.cancelling():
-                # The host's own cancellation escaped run_turn (nobody cancelled this
-                # turn): a failed turn, and this lane goes on.
-                turn._abandon()
-                lane.failed += len(events)
-                self._failed(turn, tracked, RuntimeError("run_turn raised CancelledError"))
-                return False
+            # Shutdown cancelled this lane (the turn itself was stopped by _run_bounded).
             turn._abandon()
             self.stats.turns_cancelled += 1
             now = self._clock()
@@ -372,6 +369,46 @@ class Lanes:
         finally:
             lane.running = False
             self._end(turn)
+
+    async def _run_bounded(self, turn: Turn) -> str | None:
+        """``run_turn`` in a task of its own, so that the turn timeout and shutdown do not
+        depend on the host letting a cancellation through.
+
+        Raises:
+            TimeoutError: the turn ran past ``turn_timeout`` (it was cancelled).
+            RuntimeError: ``run_turn`` raised ``CancelledError`` although nobody cancelled
+                it (the host's own cancellation escaped).
+        """
+        child = asyncio.get_running_loop().create_task(
+            self._runtime.run_turn(turn), name="parall-turn"
+        )
+        try:
+            done, _ = await asyncio.wait({child}, timeout=self._turn_timeout)
+        except asyncio.CancelledError:
+            await self._stop_turn(child)
+            raise
+        if not done:
+            await self._stop_turn(child)
+            raise TimeoutError
+        if child.cancelled():
+            raise RuntimeError("run_turn raised CancelledError")
+        return child.result()
+
+    async def _stop_turn(self, child: asyncio.Task[str | None]) -> None:
+        """Cancel a turn and wait for it a bounded time; abandon it if it will not end."""
+        child.cancel()
+        await asyncio.wait({child}, timeout=TURN_CANCEL_TIMEOUT)
+        if child.done():
+            _retrieve(child)
+            return
+        _log.error(
+            "run_turn ignored its cancellation for %g s: abandoned (it keeps running; "
+            "let CancelledError propagate out of run_turn)",
+            TURN_CANCEL_TIMEOUT,
+        )
+        self._abandoned.add(child)
+        child.add_done_callback(self._abandoned.discard)
+        child.add_done_callback(_retrieve)
 
     def _begin(self, turn: Turn, tracked: Sequence[ParallEvent]) -> None:
         """Everything that goes out when a turn starts, none of it awaited."""
@@ -481,3 +518,19 @@ class Lanes:
             lane.queue.clear()
         self.forks.clear()
         await self._hooks.close(grace=RELEASE_TIMEOUT)
+        if self._abandoned:
+            left = list(self._abandoned)
+            for child in left:
+                child.cancel()
+            await asyncio.wait(left, timeout=TURN_CANCEL_TIMEOUT)
+            if self._abandoned:
+                _log.error(
+                    "shutdown: %d abandoned turn(s) still ignore their cancellation",
+                    len(self._abandoned),
+                )
+
+
+def _retrieve(task: asyncio.Task[str | None]) -> None:
+    """Mark a finished turn's outcome as seen (it was already accounted for)."""
+    if not task.cancelled():
+        task.exception()

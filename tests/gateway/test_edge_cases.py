@@ -14,6 +14,7 @@ import pytest
 
 from parall_bridge import DispatchItem, EventOrigin, StepType
 from parall_bridge import protocol as p
+from parall_bridge.gateway import lanes as lanes_module
 from parall_bridge.gateway.sources import ItemOutcome, Sources
 from parall_bridge.runtime import Turn
 from parall_bridge.testing import AgentAccount, FakeParallServer
@@ -158,7 +159,7 @@ async def test_an_unexpected_error_on_one_item_does_not_stop_catch_up(
         await run.wait_for(lambda: runtime.texts() == [["second"]])
         await run.gateway.feed(p.FRAME_RECOVERY_OVERFLOW, {})  # the next pass
         await run.wait_for(lambda: runtime.texts() == [["second"], ["first"]])
-        assert not run.pending()
+        await run.wait_for(lambda: not run.pending())  # the ack goes out in the background
 
 
 @pytest.mark.asyncio
@@ -250,3 +251,63 @@ async def test_cold_start_window_zero_skips_every_pending_item_on_the_first_pass
     async with running(server, agent, cold_start_window=0.0) as run:
         await run.wait_for(lambda: not run.pending())
     assert run.runtime.texts() == []
+
+
+class Stubborn:
+    """A turn behaviour that swallows its first ``swallow`` cancellations (a host bug)."""
+
+    def __init__(self, swallow: int) -> None:
+        self.swallow = swallow
+        self.swallowed = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, turn: Turn) -> str | None:
+        if turn.event.text != "stubborn":
+            return "ok"
+        while not self.release.is_set():
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                if self.swallowed >= self.swallow:
+                    raise
+                self.swallowed += 1
+        return "finally"
+
+
+@pytest.mark.asyncio
+async def test_a_turn_that_swallows_its_timeout_is_abandoned_and_the_lane_goes_on(
+    server: FakeParallServer, agent: AgentAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lanes_module, "TURN_CANCEL_TIMEOUT", 0.2)
+    ada = server.add_user("Ada")
+    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
+    stubborn = Stubborn(swallow=100)
+    runtime = ScriptedRuntime(stubborn)
+    async with running(server, agent, runtime, turn_timeout=0.3) as run:
+        server.post_message(room.id, ada.id, "stubborn")
+        server.post_message(room.id, ada.id, "next")
+        await run.wait_for(lambda: any(t.event.text == "next" for t in runtime.finished))
+        errors = [s.content["message"] for s in run.steps(StepType.ERROR)]
+        assert errors == ["turn timed out after 0.3 s"]
+        assert stubborn.swallowed == 1  # still running, abandoned
+        stubborn.release.set()  # the host's turn ends on its own; shutdown is clean
+    assert run.gateway.stats().turns_failed == 1
+
+
+@pytest.mark.asyncio
+async def test_shutdown_does_not_wait_forever_for_a_turn_that_swallows_its_cancellation(
+    server: FakeParallServer, agent: AgentAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lanes_module, "TURN_CANCEL_TIMEOUT", 0.2)
+    ada = server.add_user("Ada")
+    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
+    stubborn = Stubborn(swallow=1)
+    runtime = ScriptedRuntime(stubborn)
+    async with running(server, agent, runtime, shutdown_grace=0.1) as run:
+        server.post_message(room.id, ada.id, "stubborn")
+        await run.wait_for(lambda: len(runtime.turns) == 1)
+        run.abort.set()
+        # Grace, one cancel swallowed (abandoned after 0.2 s), a second cancel at close.
+        await asyncio.wait_for(asyncio.shield(run.task), 3.0)
+    assert stubborn.swallowed == 1
+    assert run.pending() == [run.pending()[0]]  # not acked: it never finished
