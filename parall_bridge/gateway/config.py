@@ -52,24 +52,33 @@ def _optional_non_empty(instance: Any, attribute: attrs.Attribute[Any], value: s
         _non_empty(instance, attribute, value)
 
 
-def _duration(instance: Any, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is None and attribute.name == "cold_start_window":
-        return
+def _check_duration(name: str, value: object, *, positive: bool) -> None:
     if (
         not isinstance(value, int | float)
         or isinstance(value, bool)
         or not math.isfinite(value)
         or value < 0
+        or (positive and value == 0)
     ):
+        kind = "positive" if positive else "non-negative"
         raise ConfigurationError(
-            f"{attribute.name} must be a finite, non-negative number of seconds, got {value!r}"
+            f"{name} must be a finite, {kind} number of seconds, got {value!r}"
         )
 
 
+def _duration(instance: Any, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is None and attribute.name == "cold_start_window":
+        return
+    _check_duration(attribute.name, value, positive=False)
+
+
 def _positive_duration(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    _duration(instance, attribute, value)
-    if value == 0:
-        raise ConfigurationError(f"{attribute.name} must be > 0 seconds")
+    _check_duration(attribute.name, value, positive=True)
+
+
+def _flag(instance: Any, attribute: attrs.Attribute[Any], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{attribute.name} must be True or False, got {value!r}")
 
 
 def _count(minimum: int) -> Any:
@@ -130,7 +139,7 @@ class GatewayConfig:
     shutdown_grace: float = attrs.field(default=10.0, kw_only=True, validator=_duration)
     turn_timeout: float = attrs.field(default=600.0, kw_only=True, validator=_positive_duration)
     max_forks: int = attrs.field(default=4, kw_only=True, validator=_count(0))
-    ack_dead_letters: bool = attrs.field(default=True, kw_only=True)
+    ack_dead_letters: bool = attrs.field(default=True, kw_only=True, validator=_flag)
 
     @property
     def main_session_key(self) -> str:
@@ -160,6 +169,7 @@ class GatewayConfig:
         }
         required = ("parall_url", "api_key", "org_id")
         values: dict[str, Any] = {}
+        missing: list[str] = []
         for field, variable in names.items():
             if field in overrides:
                 continue
@@ -167,7 +177,13 @@ class GatewayConfig:
             if value:
                 values[field] = value
             elif field in required:
-                raise ConfigurationError(f"environment variable {variable} is missing or empty")
+                missing.append(variable)
+        if missing:
+            plural = "s" if len(missing) > 1 else ""
+            verb = "are" if len(missing) > 1 else "is"
+            raise ConfigurationError(
+                f"environment variable{plural} {', '.join(missing)} {verb} missing or empty"
+            )
         values.update(overrides)
         try:
             return cls(**values)

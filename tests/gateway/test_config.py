@@ -378,3 +378,24 @@ def test_from_env_overrides_may_supply_required_values() -> None:
     assert config.org_id == "org_1"
     with pytest.raises(ConfigurationError, match="PRLL_ORG_ID"):
         GatewayConfig.from_env({}, parall_url="https://api.parall.test", api_key="pk_x")
+
+
+def test_from_env_names_every_missing_variable_at_once() -> None:
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^environment variables PRLL_API_URL, PRLL_API_KEY, PRLL_ORG_ID are missing",
+    ):
+        GatewayConfig.from_env({})
+    with pytest.raises(ConfigurationError, match=r"^environment variable PRLL_ORG_ID is missing"):
+        GatewayConfig.from_env({"PRLL_API_URL": "https://a.test", "PRLL_API_KEY": "pk_x"})
+
+
+def test_zero_where_a_positive_duration_is_needed_says_positive() -> None:
+    with pytest.raises(ConfigurationError, match="reconcile_interval must be a finite, positive"):
+        GatewayConfig("https://a.test", "pk_x", "org_1", reconcile_interval=0)
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1, None])
+def test_ack_dead_letters_must_be_a_bool(value: object) -> None:
+    with pytest.raises(ConfigurationError, match="ack_dead_letters must be True or False"):
+        GatewayConfig("https://a.test", "pk_x", "org_1", ack_dead_letters=value)  # type: ignore[arg-type]
