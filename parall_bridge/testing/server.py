@@ -56,7 +56,7 @@ def _describe(predicate: Callable[[], bool]) -> str:
 class FakeParallServer:
     """A Parall emulator: a real aiohttp HTTP + WebSocket server on ``127.0.0.1``.
 
-    It implements PROTOCOL.md: every REST row, the WebSocket protocol
+    It implements the Parall protocol: every REST row, the WebSocket protocol
     (tickets, hello, per-user sequence numbers, resume and
     ``recovery.overflow``, ping/pong) and the dispatch semantics. Seed it with
     users, agents, chats and tasks; drive it by posting messages and assigning
@@ -86,6 +86,9 @@ class FakeParallServer:
             sent) this many seconds after their live event, as the platform may.
         max_page_size: the cap on ``limit`` of paginated lists.
         port: the port on ``127.0.0.1`` (0: an ephemeral one).
+
+    Attributes:
+        org_id: the organisation id, for ``GatewayConfig`` and client calls.
     """
 
     def __init__(
