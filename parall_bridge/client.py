@@ -474,7 +474,16 @@ class ParallClient:
             no_reply: hint that the message expects no reply.
             idempotency_key: a caller-chosen key; keys starting with ``reply:``
                 or ``task_update:`` are reserved and raise :class:`ValueError`.
+
+        Raises:
+            TypeError: ``text`` is not a string, or ``mentions``/``attachment_ids`` is
+                a single string rather than a collection of ids (before any request).
         """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        for name, ids in (("mentions", mentions), ("attachment_ids", attachment_ids)):
+            if isinstance(ids, str):
+                raise TypeError(f"{name} is a collection of ids, not one str: use [{ids!r}]")
         if idempotency_key is None:
             idempotency_key = f"{p.IDEMPOTENCY_PREFIX}{uuid.uuid4().hex}"
         else:

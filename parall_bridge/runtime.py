@@ -385,6 +385,11 @@ class Turn:
         if self._ended:
             return
         self._flush_reasoning()
+        if reply is not None and not isinstance(reply, str):
+            _log.warning(
+                "run_turn returned a %s, not str | None: recorded as its str",
+                type(reply).__name__,
+            )
         text = reply if isinstance(reply, str) or reply is None else str(reply)
         if text and text.strip() and not self._recorded_text:
             self.text(text)

@@ -63,9 +63,9 @@ __all__ = [
 _log = logging.getLogger("parall_bridge.ws")
 
 DEFAULT_HEARTBEAT_INTERVAL: Final = 30.0
-"""Seconds between heartbeats when ``hello`` does not say (PROTOCOL.md's default)."""
+"""Seconds between heartbeats when ``hello`` does not say (the protocol's default)."""
 PINGS_PER_INTERVAL: Final = 2
-"""Pings sent per heartbeat interval (PROTOCOL.md: at least every interval / 2)."""
+"""Pings sent per heartbeat interval (the protocol: at least every interval / 2)."""
 DEAD_AFTER_INTERVALS: Final = 2.0
 """A connection with no frame at all for this many heartbeat intervals is dead."""
 DEFAULT_HELLO_TIMEOUT: Final = 10.0
@@ -201,7 +201,7 @@ class Backoff:
 
 
 def ws_url_from_base(base_url: str) -> str:
-    """The WebSocket URL PROTOCOL.md derives from an API base URL (``http``->``ws``, ``/ws``)."""
+    """The WebSocket URL the protocol derives from an API base URL (``http``->``ws``, ``/ws``)."""
     url = URL(base_url.rstrip("/"))
     scheme = {"http": "ws", "https": "wss"}.get(url.scheme, url.scheme)
     return str(url.with_scheme(scheme).with_path(p.WS_PATH))

@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiohttp
 import pytest
@@ -194,6 +195,24 @@ async def test_reserved_idempotency_prefix_is_refused_before_any_request(
     before = len(server.requests)
     with pytest.raises(ValueError, match="reserved"):
         await client.send_message("org_test", "cht_x", "hi", idempotency_key=key)
+    assert len(server.requests) == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"text": {"text": "hi"}}, "text must be a str, got dict"),
+        ({"text": "hi", "mentions": "usr_1"}, r"mentions is a collection of ids"),
+        ({"text": "hi", "attachment_ids": "att_1"}, r"attachment_ids is a collection of ids"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_send_message_argument_mistakes_are_refused_before_any_request(
+    client: ParallClient, server: FakeParallServer, kwargs: dict[str, Any], message: str
+) -> None:
+    before = len(server.requests)
+    with pytest.raises(TypeError, match=message):
+        await client.send_message("org_test", "cht_x", **kwargs)
     assert len(server.requests) == before
 
 

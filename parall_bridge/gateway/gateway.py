@@ -15,6 +15,7 @@ Shutdown is graceful (DESIGN.md section 3, "Shutdown").
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import socket
@@ -27,7 +28,7 @@ import attrs
 from .._tasks import TaskSet
 from ..client import ParallClient
 from ..errors import ConfigurationError
-from ..models import AgentSession, User
+from ..models import AgentSession, User, UserType
 from ..routing import DefaultRoutingStrategy, RoutingStrategy
 from ..runtime import AgentRuntime, GatewayInfo, SessionRef
 from ..ws import Backoff, ConnectionState, ParallWs, decode_payload, ws_url_from_base
@@ -107,6 +108,10 @@ class Gateway:
     ) -> None:
         if not isinstance(runtime, AgentRuntime):
             raise TypeError("runtime must be an AgentRuntime")
+        if not inspect.iscoroutinefunction(runtime.run_turn):
+            raise TypeError(
+                f"{type(runtime).__name__}.run_turn must be a coroutine function (async def)"
+            )
         self._config = config
         self._runtime = runtime
         self._routing: RoutingStrategy = routing or DefaultRoutingStrategy(config.max_forks)
@@ -303,6 +308,8 @@ class Gateway:
             )
         self._agent = me
         _log.info("authenticated as %s (%s)", me.display_name or me.id, me.id)
+        if me.type != UserType.AGENT:
+            _log.warning("the API key belongs to a %s user, not an agent", me.type)
         session = await self._retrying(
             lambda: client.create_agent_session(
                 config.org_id,

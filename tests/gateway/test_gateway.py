@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from parall_bridge import (
+    AgentRuntime,
     AuthenticationError,
     ConfigurationError,
     ParallClient,
@@ -610,3 +611,28 @@ async def test_a_turn_past_turn_timeout_is_cancelled_and_counts_as_a_failure(
         assert run.pending() == [posted.id]  # not acked: retried later
     (error,) = run.steps(StepType.ERROR)
     assert error.content == {"message": "turn timed out after 0.2 s", "attempts": 1}
+
+
+class SyncRunTurn(AgentRuntime):
+    def run_turn(self, turn: Turn) -> str | None:  # type: ignore[override]
+        return "a plain def"
+
+
+def test_a_run_turn_that_is_not_async_is_refused_at_construction() -> None:
+    config = GatewayConfig("http://127.0.0.1:9", "pk_x", "org_x")
+    with pytest.raises(TypeError, match=r"SyncRunTurn.run_turn must be a coroutine function"):
+        Gateway(config, SyncRunTurn())
+    with pytest.raises(TypeError, match="runtime must be an AgentRuntime"):
+        Gateway(config, object())  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_a_human_users_key_is_warned_about(
+    server: FakeParallServer, all_logs: pytest.LogCaptureFixture
+) -> None:
+    human = server.add_user("Ada")
+    account = AgentAccount(user=human, api_key=server.add_api_key(human.id))
+    async with running(server, account):
+        pass
+    warnings = [r.getMessage() for r in all_logs.records if r.levelname == "WARNING"]
+    assert "the API key belongs to a human user, not an agent" in warnings

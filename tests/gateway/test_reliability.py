@@ -618,7 +618,11 @@ async def test_a_task_assigned_again_while_its_first_turn_runs_keeps_its_row_pen
 
 @pytest.mark.asyncio
 async def test_a_reply_that_is_not_a_string_is_recorded_and_the_lane_goes_on(
-    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+    server: FakeParallServer,
+    agent: AgentAccount,
+    ada: User,
+    room: Chat,
+    all_logs: pytest.LogCaptureFixture,
 ) -> None:
     async def returns_a_dict(turn: Turn) -> str | None:
         return {"answer": 42}  # type: ignore[return-value]
@@ -630,3 +634,5 @@ async def test_a_reply_that_is_not_a_string_is_recorded_and_the_lane_goes_on(
         await run.wait_for(lambda: not run.pending() and len(run.runtime.finished) == 2)
     texts = [s.content["text"] for s in run.steps(StepType.TEXT)]
     assert texts == ["{'answer': 42}", "{'answer': 42}"]
+    warnings = [r.getMessage() for r in all_logs.records if r.levelname == "WARNING"]
+    assert warnings.count("run_turn returned a dict, not str | None: recorded as its str") == 2
