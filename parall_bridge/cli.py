@@ -21,12 +21,14 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import inspect
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from . import protocol as p
 from .client import ParallClient
 from .errors import ConfigurationError, ParallError
 from .gateway import Gateway, GatewayConfig
@@ -64,6 +66,14 @@ async def _emulator(port: int) -> int:
         _print(f"  PRLL_API_KEY={agent.api_key}")
         _print(f"  PRLL_ORG_ID={server.org_id}")
         _print(f"  agent {agent.user_id}, human {human.id}, direct chat {chat.id}")
+        human_key = server.add_api_key(human.id)
+        send = server.url + p.SEND_MESSAGE.format(org_id=server.org_id, chat_id=chat.id)
+        _print("Post as the human (the agent gets it live and in its dispatch queue):")
+        _print(
+            f"  curl -s -X POST {send} -H 'Authorization: Bearer {human_key}' "
+            "-H 'Content-Type: application/json' "
+            """-d '{"message_type": "text", "content": {"text": "hello"}}'"""
+        )
         _print("Ctrl-C stops it.")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -103,8 +113,15 @@ def load_runtime(spec: str) -> AgentRuntime:
             raise ConfigurationError(f"{module_name!r} has no {attribute!r}") from None
     if isinstance(target, AgentRuntime):
         return target
+    if inspect.iscoroutinefunction(target):
+        raise ConfigurationError(f"{spec} is an async function: name a runtime or a plain factory")
     if callable(target):
-        made = target()
+        try:
+            made = target()
+        except Exception as exc:
+            raise ConfigurationError(
+                f"calling {spec}() failed: {type(exc).__name__}: {exc}"
+            ) from exc
         if isinstance(made, AgentRuntime):
             return made
     raise ConfigurationError(

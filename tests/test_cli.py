@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 
+import aiohttp
 import pytest
 
-from parall_bridge import ConfigurationError, GatewayConfig
+from parall_bridge import ConfigurationError, GatewayConfig, ParallClient
 from parall_bridge.cli import check, load_runtime, main, run_gateway
 from parall_bridge.testing import AgentAccount, FakeParallServer
 
@@ -98,6 +101,14 @@ INSTANCE = NamedRuntime()
 NOT_A_RUNTIME = 42
 
 
+def needs_an_argument(text: str) -> NamedRuntime:
+    return NamedRuntime()
+
+
+async def async_factory() -> NamedRuntime:
+    return NamedRuntime()
+
+
 def test_load_runtime_takes_a_class_an_instance_or_a_factory() -> None:
     assert isinstance(load_runtime(f"{__name__}:NamedRuntime"), NamedRuntime)
     assert load_runtime(f"{__name__}:INSTANCE") is INSTANCE
@@ -111,6 +122,8 @@ def test_load_runtime_takes_a_class_an_instance_or_a_factory() -> None:
         ("no_such_module_anywhere:X", "cannot import 'no_such_module_anywhere'"),
         (f"{__name__}:Missing", "has no 'Missing'"),
         (f"{__name__}:NOT_A_RUNTIME", "is not an AgentRuntime"),
+        (f"{__name__}:needs_an_argument", r"needs_an_argument\(\) failed: TypeError"),
+        (f"{__name__}:async_factory", "is an async function"),
     ],
 )
 def test_load_runtime_explains_a_bad_spec(spec: str, message: str) -> None:
@@ -175,3 +188,37 @@ def test_run_with_a_bad_runtime_is_a_usage_error(
     err = capsys.readouterr().err
     assert "must be 'module:name'" in err
     assert "pk_unused_0123456789" not in err
+
+
+@pytest.mark.asyncio
+async def test_the_emulator_command_serves_and_tells_how_to_post_as_the_human() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "parall_bridge",
+        "emulator",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        lines: list[str] = []
+        async with asyncio.timeout(20):
+            while not lines or not lines[-1].startswith("Ctrl-C"):
+                lines.append((await process.stdout.readline()).decode().strip())
+        env = dict(line.split("=", 1) for line in lines if line.startswith("PRLL_"))
+        curl = next(line for line in lines if line.startswith("curl "))
+        url = curl.split()[4]
+        human_key = curl.split("Bearer ")[1].split("'")[0]
+        async with aiohttp.ClientSession() as http:
+            headers = {"Authorization": f"Bearer {human_key}"}
+            body = {"message_type": "text", "content": {"text": "hello"}}
+            async with http.post(url, json=body, headers=headers) as response:
+                assert response.status == 201
+        async with ParallClient(env["PRLL_API_URL"], env["PRLL_API_KEY"]) as client:
+            page = await client.get_dispatch(env["PRLL_ORG_ID"])
+        assert len(page.data) == 1  # the agent has it to handle
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
