@@ -337,10 +337,15 @@ class Lanes:
             len(events),
             ", ".join(event.key for event in events),
         )
+        # The turn's task is made before _begin starts the background writes, so run_turn
+        # runs first (the input steps are queued by then: they are still written first).
+        child = asyncio.get_running_loop().create_task(
+            self._runtime.run_turn(turn), name="parall-turn"
+        )
         self._begin(turn, tracked)
         lane.running = True
         try:
-            reply = await self._run_bounded(turn)
+            reply = await self._run_bounded(child)
         except asyncio.CancelledError:
             # Shutdown cancelled this lane (the turn itself was stopped by _run_bounded).
             turn._abandon()
@@ -370,18 +375,15 @@ class Lanes:
             lane.running = False
             self._end(turn)
 
-    async def _run_bounded(self, turn: Turn) -> str | None:
-        """``run_turn`` in a task of its own, so that the turn timeout and shutdown do not
-        depend on the host letting a cancellation through.
+    async def _run_bounded(self, child: asyncio.Task[str | None]) -> str | None:
+        """Await a turn's task (``run_turn`` runs in a task of its own, so that the turn
+        timeout and shutdown do not depend on the host letting a cancellation through).
 
         Raises:
             TimeoutError: the turn ran past ``turn_timeout`` (it was cancelled).
             RuntimeError: ``run_turn`` raised ``CancelledError`` although nobody cancelled
                 it (the host's own cancellation escaped).
         """
-        child = asyncio.get_running_loop().create_task(
-            self._runtime.run_turn(turn), name="parall-turn"
-        )
         try:
             done, _ = await asyncio.wait({child}, timeout=self._turn_timeout)
         except asyncio.CancelledError:
