@@ -304,7 +304,15 @@ class Turn:
         The idempotency key is ``pb:<event key>:<n>`` for the n-th send of
         the turn, so when the platform redelivers an event whose turn already
         replied, the reply is not posted twice.
+
+        Raises:
+            RuntimeError: the turn has ended (returned, failed, or was cancelled).
+            ValueError: the turn has no chat (a task) and ``chat_id`` is not given.
         """
+        if self._ended:
+            # Its keys belong to the event's next attempt now (a turn cancelled at
+            # shutdown that went on anyway must not use up its retry's reply).
+            raise RuntimeError("this turn has ended: send with turn.client.send_message")
         target = chat_id or self.chat_id
         if not target:
             raise ValueError("this turn has no chat (a task): pass chat_id")

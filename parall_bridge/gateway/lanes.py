@@ -43,9 +43,10 @@ HOOK_TIMEOUT: Final = 30.0
 ERROR_MESSAGE_LIMIT: Final = 500
 """Characters of an exception's text kept in an error step."""
 TURN_CANCEL_TIMEOUT: Final = 5.0
-"""Seconds a cancelled turn (timed out, or at shutdown) may take to end; a ``run_turn``
-that swallows its cancellation is abandoned after this (logged), so neither its lane nor
-shutdown waits for it forever."""
+"""Seconds a cancelled turn may take to end before an ERROR is logged. A timed-out
+``run_turn`` that swallows its cancellation still keeps its session (and chat) until it
+ends, since a session never runs two turns at once; at shutdown it is abandoned after
+this, so shutdown never waits for it forever."""
 
 
 @attrs.define(eq=False)
@@ -121,7 +122,7 @@ class Lanes:
         self._fork_results: list[ForkResult] = []
         self._workers = TaskSet(_log)
         self._hooks = TaskSet(_log)
-        self._abandoned: set[asyncio.Task[str | None]] = set()
+        self._turn_tasks: set[asyncio.Task[str | None]] = set()
         self._active_turns = 0
         self._closing = False
         self._synthetic_seq = 0
@@ -342,6 +343,8 @@ class Lanes:
         child = asyncio.get_running_loop().create_task(
             self._runtime.run_turn(turn), name="parall-turn"
         )
+        self._turn_tasks.add(child)
+        child.add_done_callback(self._turn_tasks.discard)
         self._begin(turn, tracked)
         lane.running = True
         try:
@@ -380,37 +383,44 @@ class Lanes:
         timeout and shutdown do not depend on the host letting a cancellation through).
 
         Raises:
-            TimeoutError: the turn ran past ``turn_timeout`` (it was cancelled).
+            TimeoutError: the turn ran past ``turn_timeout`` (it was cancelled, and has
+                ended).
             RuntimeError: ``run_turn`` raised ``CancelledError`` although nobody cancelled
                 it (the host's own cancellation escaped).
         """
         try:
             done, _ = await asyncio.wait({child}, timeout=self._turn_timeout)
         except asyncio.CancelledError:
-            await self._stop_turn(child)
+            await self._stop_turn(child, until_ended=False)
             raise
         if not done:
-            await self._stop_turn(child)
+            await self._stop_turn(child, until_ended=True)
             raise TimeoutError
         if child.cancelled():
             raise RuntimeError("run_turn raised CancelledError")
         return child.result()
 
-    async def _stop_turn(self, child: asyncio.Task[str | None]) -> None:
-        """Cancel a turn and wait for it a bounded time; abandon it if it will not end."""
+    async def _stop_turn(self, child: asyncio.Task[str | None], *, until_ended: bool) -> None:
+        """Cancel a turn and wait for it to end: for good when ``until_ended`` (its session
+        must not run another turn meanwhile), else up to :data:`TURN_CANCEL_TIMEOUT`
+        (shutdown, which :meth:`close` finishes). Logs a turn that ignores it."""
         child.cancel()
-        await asyncio.wait({child}, timeout=TURN_CANCEL_TIMEOUT)
-        if child.done():
-            _retrieve(child)
-            return
-        _log.error(
-            "run_turn ignored its cancellation for %g s: abandoned (it keeps running; "
-            "let CancelledError propagate out of run_turn)",
-            TURN_CANCEL_TIMEOUT,
-        )
-        self._abandoned.add(child)
-        child.add_done_callback(self._abandoned.discard)
-        child.add_done_callback(_retrieve)
+        try:
+            await asyncio.wait({child}, timeout=TURN_CANCEL_TIMEOUT)
+            if not child.done():
+                _log.error(
+                    "run_turn ignored its cancellation for %g s (let CancelledError "
+                    "propagate out of run_turn); %s",
+                    TURN_CANCEL_TIMEOUT,
+                    "its session waits for it to end" if until_ended else "abandoning it",
+                )
+                if until_ended:
+                    await asyncio.wait({child})
+        finally:
+            if child.done():
+                _retrieve(child)
+            else:
+                child.add_done_callback(_retrieve)
 
     def _begin(self, turn: Turn, tracked: Sequence[ParallEvent]) -> None:
         """Everything that goes out when a turn starts, none of it awaited."""
@@ -520,15 +530,16 @@ class Lanes:
             lane.queue.clear()
         self.forks.clear()
         await self._hooks.close(grace=RELEASE_TIMEOUT)
-        if self._abandoned:
-            left = list(self._abandoned)
+        left = [child for child in self._turn_tasks if not child.done()]
+        if left:
+            # Turns whose lane was cancelled while they ignored their cancellation.
             for child in left:
                 child.cancel()
             await asyncio.wait(left, timeout=TURN_CANCEL_TIMEOUT)
-            if self._abandoned:
+            if still := [child for child in left if not child.done()]:
                 _log.error(
-                    "shutdown: %d abandoned turn(s) still ignore their cancellation",
-                    len(self._abandoned),
+                    "shutdown: abandoning %d turn(s) that ignore their cancellation",
+                    len(still),
                 )
 
 

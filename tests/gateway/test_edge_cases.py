@@ -16,7 +16,7 @@ from parall_bridge import DispatchItem, EventOrigin, StepType
 from parall_bridge import protocol as p
 from parall_bridge.gateway import lanes as lanes_module
 from parall_bridge.gateway.sources import ItemOutcome, Sources
-from parall_bridge.runtime import Turn
+from parall_bridge.runtime import ForkOutcome, SessionRef, Turn
 from parall_bridge.testing import AgentAccount, FakeParallServer
 from parall_bridge.ws import ConnectionState
 
@@ -275,23 +275,118 @@ class Stubborn:
 
 
 @pytest.mark.asyncio
-async def test_a_turn_that_swallows_its_timeout_is_abandoned_and_the_lane_goes_on(
-    server: FakeParallServer, agent: AgentAccount, monkeypatch: pytest.MonkeyPatch
+async def test_a_timed_out_turn_that_swallows_its_cancellation_keeps_its_session(
+    server: FakeParallServer,
+    agent: AgentAccount,
+    monkeypatch: pytest.MonkeyPatch,
+    all_logs: pytest.LogCaptureFixture,
 ) -> None:
+    """At most one run_turn per session (DESIGN 4): the next turn of the chat waits for the
+    stubborn one to end; then the timeout is recorded and the lane goes on."""
     monkeypatch.setattr(lanes_module, "TURN_CANCEL_TIMEOUT", 0.2)
     ada = server.add_user("Ada")
     room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     stubborn = Stubborn(swallow=100)
     runtime = ScriptedRuntime(stubborn)
-    async with running(server, agent, runtime, turn_timeout=0.3) as run:
-        server.post_message(room.id, ada.id, "stubborn")
-        server.post_message(room.id, ada.id, "next")
-        await run.wait_for(lambda: any(t.event.text == "next" for t in runtime.finished))
-        errors = [s.content["message"] for s in run.steps(StepType.ERROR)]
-        assert errors == ["turn timed out after 0.3 s"]
-        assert stubborn.swallowed == 1  # still running, abandoned
-        stubborn.release.set()  # the host's turn ends on its own; shutdown is clean
+    try:
+        async with running(server, agent, runtime, turn_timeout=0.3) as run:
+            server.post_message(room.id, ada.id, "stubborn")
+            server.post_message(room.id, ada.id, "next")
+            await run.wait_for(
+                lambda: any("its session waits for it" in r.getMessage() for r in all_logs.records)
+            )
+            assert stubborn.swallowed == 1
+            assert len(runtime.turns) == 1  # "next" waits: the session is still busy
+            stubborn.release.set()  # the host's turn ends on its own
+            await run.wait_for(lambda: any(t.event.text == "next" for t in runtime.finished))
+            await run.wait_for(lambda: len(run.steps(StepType.ERROR)) == 1)
+            errors = [s.content["message"] for s in run.steps(StepType.ERROR)]
+            assert errors == ["turn timed out after 0.3 s"]
+    finally:
+        stubborn.release.set()
+    assert runtime.overlaps == []
     assert run.gateway.stats().turns_failed == 1
+
+
+@pytest.mark.asyncio
+async def test_a_fork_is_released_only_after_its_stubborn_turn_ended(
+    server: FakeParallServer, agent: AgentAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lanes_module, "TURN_CANCEL_TIMEOUT", 0.2)
+    ada = server.add_user("Ada")
+    first = server.add_chat(type="direct", members=[ada.id, agent.user_id])
+    second = server.add_chat(
+        type="group", name="ops", members=[ada.id, agent.user_id], agent_routing_mode="active"
+    )
+    stubborn = Stubborn(swallow=100)
+    main_gate = asyncio.Event()
+    active_at_release: list[set[str]] = []
+
+    async def behaviour(turn: Turn) -> str | None:
+        if turn.event.text == "main work":
+            await main_gate.wait()
+            return "ok"
+        return await stubborn(turn)
+
+    class Recorder(ScriptedRuntime):
+        async def release_session(self, child: SessionRef, outcome: ForkOutcome) -> None:
+            active_at_release.append(set(self.active))
+            await super().release_session(child, outcome)
+
+    runtime = Recorder(behaviour)
+    try:
+        async with running(server, agent, runtime, turn_timeout=0.3) as run:
+            server.post_message(first.id, ada.id, "main work")
+            await run.wait_for(lambda: len(runtime.turns) == 1)
+            server.post_message(second.id, ada.id, "stubborn")  # main busy: a fork
+            await run.wait_for(lambda: stubborn.swallowed == 1)  # timed out, still running
+            main_gate.set()
+            stubborn.release.set()
+            await run.wait_for(lambda: len(runtime.released) == 1)
+    finally:
+        stubborn.release.set()
+        main_gate.set()
+    assert runtime.forked
+    assert active_at_release == [set()]
+
+
+@pytest.mark.asyncio
+async def test_shutdown_while_a_timed_out_turn_is_being_stopped_leaves_nothing_running(
+    server: FakeParallServer, agent: AgentAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lanes_module, "TURN_CANCEL_TIMEOUT", 3.0)
+    ada = server.add_user("Ada")
+    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
+    stubborn = Stubborn(swallow=1)  # a second cancellation ends it
+    runtime = ScriptedRuntime(stubborn)
+    try:
+        async with running(server, agent, runtime, turn_timeout=0.3, shutdown_grace=0.1) as run:
+            server.post_message(room.id, ada.id, "stubborn")
+            await run.wait_for(lambda: stubborn.swallowed == 1)  # timed out, being stopped
+            await asyncio.wait_for(run.stop(), 5.0)  # the harness checks no task is left
+    finally:
+        stubborn.release.set()
+    assert len(runtime.finished) == 1
+
+
+@pytest.mark.asyncio
+async def test_send_message_after_the_turn_ended_is_refused(
+    server: FakeParallServer, agent: AgentAccount
+) -> None:
+    ada = server.add_user("Ada")
+    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
+    kept: list[Turn] = []
+
+    async def behaviour(turn: Turn) -> str | None:
+        kept.append(turn)
+        return "ok"
+
+    async with running(server, agent, ScriptedRuntime(behaviour)) as run:
+        server.post_message(room.id, ada.id, "hello")
+        await run.wait_for(lambda: len(run.runtime.finished) == 1)
+        with pytest.raises(RuntimeError, match="this turn has ended"):
+            await kept[0].send_message("too late")
+    assert [m.sender_id for m in server.messages(room.id)] == [ada.id]
 
 
 @pytest.mark.asyncio
