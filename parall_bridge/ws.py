@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import inspect
 import json
@@ -225,6 +226,11 @@ def _redact(url: URL) -> str:
         return str(url)
     return str(url.update_query({p.QUERY_TICKET: "***"}))
 
+
+_HANDLER_TASK: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar(
+    "parall_bridge_ws_handler_task", default=None
+)
+"""The handler task a piece of code runs in (or was started from)."""
 
 EventHandler = Callable[[Any], Awaitable[None] | None]
 StateHandler = Callable[[StateChange], Awaitable[None] | None]
@@ -438,6 +444,8 @@ class ParallWs:
 
     @staticmethod
     async def _await_handler(awaitable: Awaitable[Any], what: str) -> None:
+        # Seen by tasks the handler starts too (asyncio.wait_for(ws.disconnect(), ...)).
+        _HANDLER_TASK.set(asyncio.current_task())
         try:
             await awaitable
         except Exception:
@@ -497,8 +505,14 @@ class ParallWs:
         if self._state is ConnectionState.CONNECTED:
             return
         loop = asyncio.get_running_loop()
-        if self._runner is not None and not self._runner.done():
-            # Already connecting or reconnecting: wait for that to succeed or end for good.
+        runner = self._runner
+        if runner is not None and not runner.done():
+            if self._stopping:
+                # Ending (closed for good or disconnecting): let it end, then look again
+                # (another caller may have started a connection meanwhile).
+                await asyncio.wait({runner})
+                return await self.connect()
+            # Already connecting or reconnecting: wait for it to succeed or end for good.
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
             await waiter
@@ -539,16 +553,19 @@ class ParallWs:
         if self._state is not ConnectionState.CLOSED:
             self._set_state(ConnectionState.DISCONNECTED, code=p.CLOSE_NORMAL)
         self._closed_event.set()
-        await self._reap_handlers()  # after the last state change: its handlers too
-        await self._release_session()
+        try:
+            await self._reap_handlers()  # after the last state change: its handlers too
+        finally:
+            await self._release_session()
 
     async def _reap_handlers(self) -> None:
         """Let handler tasks finish (up to :data:`HANDLER_SHUTDOWN_TIMEOUT`), then cancel
-        the rest; the calling task (a handler that called :meth:`disconnect`) excepted."""
-        me = asyncio.current_task()
+        the rest; the handler that called :meth:`disconnect` (directly or through a task
+        of its own) excepted."""
+        exempt = {asyncio.current_task(), _HANDLER_TASK.get()}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HANDLER_SHUTDOWN_TIMEOUT
-        while others := [t for t in self._tasks if t is not me and not t.done()]:
+        while others := [t for t in self._tasks if t not in exempt and not t.done()]:
             remaining = deadline - loop.time()
             if remaining > 0:
                 await asyncio.wait(others, timeout=remaining)
@@ -690,6 +707,7 @@ class ParallWs:
             error = ParallConnectionError("WebSocket connection failed: closed before hello")
         self._stopping = True
         self._set_state(ConnectionState.DISCONNECTED, code=ended.code, reason=ended.reason)
+        self._closed_event.set()  # nothing runs any more: a supervisor's wait_closed() returns
         self._wake_waiters(error)
         assert self._ready is not None
         self._ready.set_exception(error)

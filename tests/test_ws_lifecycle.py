@@ -178,3 +178,85 @@ async def test_wait_closed_started_before_connect_sees_a_fatal_close(
         supervisor.cancel()
         await asyncio.gather(supervisor, return_exceptions=True)
         await ws.disconnect()
+
+
+@pytest.mark.asyncio
+async def test_connect_right_after_a_close_for_good_does_not_hang(
+    client: ParallClient, server: FakeParallServer
+) -> None:
+    """A connect() made while the client is ending (closed for good) waits for the end,
+    then connects afresh."""
+    ws = ParallWs(client.get_ws_ticket, backoff=FAST_BACKOFF, reconnect=False)
+    try:
+        await ws.connect()
+        await server.close_ws(p.CLOSE_SERVICE_RESTART)
+        with pytest.raises(WebSocketClosedError):
+            async with asyncio.timeout(3.0):
+                await ws.wait_closed()
+        try:
+            async with asyncio.timeout(3.0):
+                await ws.connect()  # the caller's retry after a lost connection
+        except TimeoutError:
+            pytest.fail("connect() after a close for good hung")
+        assert ws.state is ConnectionState.CONNECTED
+    finally:
+        await ws.disconnect()
+
+
+@pytest.mark.asyncio
+async def test_disconnect_from_a_handler_through_wait_for_completes(
+    client: ParallClient, server: FakeParallServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler bounding its disconnect() with asyncio.wait_for (a task of its own) is
+    not waited for by that disconnect(), which completes and closes its HTTP session."""
+    monkeypatch.setattr("parall_bridge.ws.HANDLER_SHUTDOWN_TIMEOUT", 1.0)
+    ada = server.add_user("Ada")
+    agent_id = (await client.get_me()).id
+    room = server.add_chat(type="direct", members=[ada.id, agent_id])
+    ws = ParallWs(client.get_ws_ticket, backoff=FAST_BACKOFF)
+    outcome: list[str] = []
+
+    async def on_message(_: object) -> None:
+        try:
+            await asyncio.wait_for(ws.disconnect(), 5.0)
+            outcome.append("disconnected")
+        except BaseException as exc:
+            outcome.append(type(exc).__name__)
+            raise
+
+    ws.on(p.FRAME_MESSAGE_NEW, on_message)
+    await ws.connect()
+    try:
+        server.post_message(room.id, ada.id, "stop")
+        await server.wait_for(lambda: bool(outcome), timeout=4.0)
+        assert outcome == ["disconnected"]
+        assert ws._session is None  # the HTTP session it made was closed
+    finally:
+        await ws.disconnect()
+
+
+@pytest.mark.asyncio
+async def test_wait_closed_begun_before_a_failed_first_connect_returns(
+    client: ParallClient, server: FakeParallServer
+) -> None:
+    """After a failed first connect() nothing runs: a wait_closed() begun earlier returns."""
+    server.refuse_ws(1, status=503)
+    ws = ParallWs(client.get_ws_ticket, backoff=FAST_BACKOFF)
+    started = asyncio.Event()
+
+    async def supervise() -> None:
+        started.set()
+        await ws.wait_closed()
+
+    supervisor = asyncio.get_running_loop().create_task(supervise())
+    try:
+        await started.wait()
+        with pytest.raises(ParallError):
+            await ws.connect()
+        assert ws.state is ConnectionState.DISCONNECTED
+        done, _ = await asyncio.wait({supervisor}, timeout=2.0)
+        assert done, "wait_closed() still waits after the failed connect"
+    finally:
+        supervisor.cancel()
+        await asyncio.gather(supervisor, return_exceptions=True)
+        await ws.disconnect()
