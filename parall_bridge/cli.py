@@ -85,10 +85,19 @@ async def _emulator(port: int) -> int:
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGINT or SIGTERM sets ``stop``; the handlers are then removed, so a second Ctrl-C
+    interrupts for good (say, when a host's turn will not end)."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal() -> None:
+        stop.set()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+    for sig in signals:
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
 
 
 def load_runtime(spec: str) -> AgentRuntime:
@@ -142,7 +151,11 @@ async def run_gateway(
     if stop is None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-    gateway = Gateway(config, runtime, routing=routing)
+    try:
+        gateway = Gateway(config, runtime, routing=routing)
+    except TypeError as exc:  # not a runtime, or a run_turn that is not async
+        out(f"configuration error: {exc}")
+        return EXIT_USAGE
     try:
         await gateway.start(stop)
     except ParallError as exc:
@@ -214,7 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = commands.add_parser("run", help="run the gateway with a host's runtime")
     run.add_argument("runtime", help="MODULE:NAME of an AgentRuntime (class, instance, factory)")
     run.add_argument("--serial", action="store_true", help="never fork (SerialRoutingStrategy)")
-    run.add_argument("--log-level", default="INFO", help="logging level (INFO)")
+    run.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level (INFO)",
+    )
     commands.add_parser("check", help="check the PRLL_* configuration against the platform")
     emulator = commands.add_parser("emulator", help="serve the Parall emulator locally")
     emulator.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (8765)")
@@ -238,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     routing = SerialRoutingStrategy() if args.serial else None
     return asyncio.run(run_gateway(config, runtime, routing=routing))

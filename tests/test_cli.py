@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
+import textwrap
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -222,3 +225,81 @@ async def test_the_emulator_command_serves_and_tells_how_to_post_as_the_human() 
     finally:
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 20) == 0
+
+
+HOST = """
+import asyncio
+
+from parall_bridge import AgentRuntime
+from parall_bridge.gateway import lanes
+
+lanes.TURN_CANCEL_TIMEOUT = 0.2  # the test's speed-up: abandoned sooner
+_close = lanes.Lanes.close
+
+
+async def _short_grace(self, grace):
+    await _close(self, 0.1)
+
+
+lanes.Lanes.close = _short_grace
+
+
+class Stubborn(AgentRuntime):
+    async def run_turn(self, turn):
+        print("TURN", flush=True)
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass
+"""
+
+
+@pytest.mark.asyncio
+async def test_cli_run_exits_after_sigint_with_a_turn_that_ignores_cancellation(
+    server: FakeParallServer, agent: AgentAccount, tmp_path: Path
+) -> None:
+    """A host turn that ignores its cancellation: the first SIGINT stops the gateway (the
+    turn is abandoned at shutdown) and a second one, if needed, interrupts for good."""
+    (tmp_path / "stubborn_host.py").write_text(textwrap.dedent(HOST))
+    ada = server.add_user("Ada")
+    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
+    env = {
+        **os.environ,
+        "PRLL_API_URL": server.url,
+        "PRLL_API_KEY": agent.api_key,
+        "PRLL_ORG_ID": server.org_id,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "parall_bridge",
+        "run",
+        "stubborn_host:Stubborn",
+        "--log-level",
+        "warning",
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        await server.wait_for(lambda: any(c.ticket_ok for c in server.ws_connections), 15.0)
+        server.post_message(room.id, ada.id, "hello")
+        line = await asyncio.wait_for(proc.stdout.readline(), 15.0)
+        assert line.strip() == b"TURN"
+        proc.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(proc.wait(), 10.0)
+        except TimeoutError:
+            proc.send_signal(signal.SIGINT)  # a second Ctrl-C
+            try:
+                await asyncio.wait_for(proc.wait(), 3.0)
+            except TimeoutError:
+                pytest.fail("parall-bridge run never exited, even after a second SIGINT")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
