@@ -15,6 +15,7 @@ import pytest
 
 from parall_bridge import ConfigurationError, GatewayConfig, ParallClient
 from parall_bridge.cli import check, load_runtime, main, run_gateway
+from parall_bridge.runtime import Turn
 from parall_bridge.testing import AgentAccount, FakeParallServer
 
 from .conftest import library_tasks
@@ -303,3 +304,29 @@ async def test_cli_run_exits_after_sigint_with_a_turn_that_ignores_cancellation(
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+
+
+class PlainDefRunTurn(ScriptedRuntime):
+    def run_turn(self, turn: Turn) -> str | None:  # type: ignore[override]
+        return None
+
+
+@pytest.mark.asyncio
+async def test_run_gateway_refuses_a_run_turn_that_is_not_async(
+    server: FakeParallServer, agent: AgentAccount
+) -> None:
+    lines: list[str] = []
+    status = await run_gateway(
+        make_config(server, agent), PlainDefRunTurn(), stop=asyncio.Event(), out=lines.append
+    )
+    assert status == 2
+    assert lines == [
+        "configuration error: PlainDefRunTurn.run_turn must be a coroutine function (async def)"
+    ]
+
+
+def test_an_unknown_log_level_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", "a:b", "--log-level", "loud"])
+    assert info.value.code == 2
+    assert "--log-level" in capsys.readouterr().err
