@@ -193,6 +193,7 @@ async def test_task_assignment_body_statuses_and_dedupe(
             "Title: Ship it\nStatus: todo\nPriority: high\n\nby Friday"
         )
         assert (turn.task_id, turn.chat_id, turn.message_id) == (task.id, None, task.id)
+        await run.wait_for(lambda: len(run.steps(StepType.TEXT)) == 1)  # steps go in the background
         (step,) = run.steps(StepType.INPUT)
         assert (step.target_type, step.target_id) == ("task", task.id)
         assert step.content["trigger_type"] == "task_assign"
