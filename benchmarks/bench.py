@@ -31,6 +31,7 @@ from parall_bridge import (
     AgentSessionStatus,
     AgentStep,
     DefaultRoutingStrategy,
+    EventOrigin,
     Gateway,
     GatewayConfig,
     GatewayInfo,
@@ -106,7 +107,8 @@ class _SlowRuntime(AgentRuntime):
 
     async def run_turn(self, turn: Turn) -> str | None:
         await asyncio.sleep(TURN_TIME)  # the model at work
-        self.handled += len(turn.events)
+        # Platform events only: a synthetic wake-up turn (fork results) is not one.
+        self.handled += sum(1 for e in turn.events if e.origin is not EventOrigin.SYNTHETIC)
         return None
 
     async def fork_session(self, parent: SessionRef) -> SessionRef | None:
