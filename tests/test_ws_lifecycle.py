@@ -24,6 +24,19 @@ from .conftest import library_tasks
 from .gateway._harness import FAST_BACKOFF
 
 
+async def waiting_for_close(ws: ParallWs) -> asyncio.Task[None]:
+    """A supervisor task already waiting in ``ws.wait_closed()``."""
+    started = asyncio.Event()
+
+    async def supervise() -> None:
+        started.set()
+        await ws.wait_closed()
+
+    supervisor = asyncio.get_running_loop().create_task(supervise())
+    await started.wait()
+    return supervisor
+
+
 @pytest.mark.asyncio
 async def test_disconnect_leaves_no_async_state_handler_task(client: ParallClient) -> None:
     """Issue 7: "await disconnect(): ... cancel and await every task it started ... after it
@@ -161,15 +174,8 @@ async def test_wait_closed_started_before_connect_sees_a_fatal_close(
 ) -> None:
     """Issue 7: a fatal close "makes await wait_closed() raise WebSocketClosedError"."""
     ws = ParallWs(client.get_ws_ticket, backoff=FAST_BACKOFF)
-    started = asyncio.Event()
-
-    async def supervise() -> None:
-        started.set()
-        await ws.wait_closed()
-
-    supervisor = asyncio.get_running_loop().create_task(supervise())
+    supervisor = await waiting_for_close(ws)  # before the connection is made
     try:
-        await started.wait()  # the supervisor waits before the connection is made
         await ws.connect()
         await server.close_ws(p.CLOSE_FORBIDDEN, "key revoked")
         with pytest.raises(WebSocketClosedError):
@@ -242,15 +248,8 @@ async def test_wait_closed_begun_before_a_failed_first_connect_returns(
     """After a failed first connect() nothing runs: a wait_closed() begun earlier returns."""
     server.refuse_ws(1, status=503)
     ws = ParallWs(client.get_ws_ticket, backoff=FAST_BACKOFF)
-    started = asyncio.Event()
-
-    async def supervise() -> None:
-        started.set()
-        await ws.wait_closed()
-
-    supervisor = asyncio.get_running_loop().create_task(supervise())
+    supervisor = await waiting_for_close(ws)
     try:
-        await started.wait()
         with pytest.raises(ParallError):
             await ws.connect()
         assert ws.state is ConnectionState.DISCONNECTED
