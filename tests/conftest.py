@@ -1,4 +1,5 @@
-"""Shared fixtures: the emulator, an agent account, and clients with fast retries."""
+"""Shared fixtures: the emulator, an agent account, Ada and her direct chat with the agent,
+and clients with fast retries."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import pytest_asyncio
 
 from parall_bridge import ParallClient, RetryPolicy
+from parall_bridge.models import Chat, User
 from parall_bridge.testing import AgentAccount, FakeParallServer
 
 FAST_RETRY = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, jitter=0.01, max_retry_after=2.0)
@@ -27,6 +29,18 @@ async def server() -> AsyncIterator[FakeParallServer]:
 def agent(server: FakeParallServer) -> AgentAccount:
     """An agent account with its API key."""
     return server.add_agent("Bot", api_key="pk_test_secret_key_0123456789")
+
+
+@pytest.fixture
+def ada(server: FakeParallServer) -> User:
+    """A human user."""
+    return server.add_user("Ada")
+
+
+@pytest.fixture
+def room(server: FakeParallServer, agent: AgentAccount, ada: User) -> Chat:
+    """The direct chat of Ada and the agent."""
+    return server.add_chat(type="direct", members=[ada.id, agent.user_id])
 
 
 @pytest_asyncio.fixture

@@ -15,6 +15,7 @@ import pytest
 
 from parall_bridge import ConfigurationError, GatewayConfig, ParallClient
 from parall_bridge.cli import check, load_runtime, main, run_gateway
+from parall_bridge.models import Chat, User
 from parall_bridge.runtime import Turn
 from parall_bridge.testing import AgentAccount, FakeParallServer
 
@@ -51,10 +52,8 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
 
 @pytest.mark.asyncio
 async def test_check_reports_each_part_of_a_working_configuration(
-    server: FakeParallServer, agent: AgentAccount
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
 ) -> None:
-    ada = server.add_user("Ada")
-    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     server.post_message(room.id, ada.id, "waiting")
     lines: list[str] = []
     assert await check(make_config(server, agent, agent_id=agent.user_id), lines.append) == 0
@@ -137,10 +136,8 @@ def test_load_runtime_explains_a_bad_spec(spec: str, message: str) -> None:
 
 @pytest.mark.asyncio
 async def test_run_gateway_runs_until_stopped(
-    server: FakeParallServer, agent: AgentAccount
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
 ) -> None:
-    ada = server.add_user("Ada")
-    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     runtime = ScriptedRuntime()
     stop = asyncio.Event()
     lines: list[str] = []
@@ -258,13 +255,11 @@ class Stubborn(AgentRuntime):
 
 @pytest.mark.asyncio
 async def test_cli_run_exits_after_sigint_with_a_turn_that_ignores_cancellation(
-    server: FakeParallServer, agent: AgentAccount, tmp_path: Path
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat, tmp_path: Path
 ) -> None:
     """A host turn that ignores its cancellation: the first SIGINT stops the gateway (the
     turn is abandoned at shutdown) and a second one, if needed, interrupts for good."""
     (tmp_path / "stubborn_host.py").write_text(textwrap.dedent(HOST))
-    ada = server.add_user("Ada")
-    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     env = {
         **os.environ,
         "PRLL_API_URL": server.url,

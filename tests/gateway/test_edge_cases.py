@@ -16,6 +16,7 @@ from parall_bridge import DispatchItem, EventOrigin, StepType
 from parall_bridge import protocol as p
 from parall_bridge.gateway import lanes as lanes_module
 from parall_bridge.gateway.sources import ItemOutcome, Sources
+from parall_bridge.models import Chat, User
 from parall_bridge.runtime import ForkOutcome, SessionRef, Turn
 from parall_bridge.testing import AgentAccount, FakeParallServer
 from parall_bridge.ws import ConnectionState
@@ -80,12 +81,10 @@ async def test_catch_up_runs_a_newer_task_assignment_while_the_older_one_runs() 
 
 @pytest.mark.asyncio
 async def test_a_turn_raising_cancelled_error_by_itself_does_not_stall_the_lane(
-    server: FakeParallServer, agent: AgentAccount
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
 ) -> None:
     """DESIGN.md 4: "a turn that raises is a failed dispatch ... the gateway keeps running";
     only cancellations by shutdown or the turn timeout are cancellations."""
-    ada = server.add_user("Ada")
-    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     gate = asyncio.Event()
 
     async def behaviour(turn: Turn) -> str | None:
@@ -110,12 +109,10 @@ async def test_a_turn_raising_cancelled_error_by_itself_does_not_stall_the_lane(
 
 @pytest.mark.asyncio
 async def test_a_live_message_is_not_dropped_while_a_catch_up_fetch_of_it_fails(
-    server: FakeParallServer, agent: AgentAccount
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
 ) -> None:
     """DESIGN.md 6.15: an item whose source is not taken is dispatched at once; the live
     event was in hand, yet it waits up to ``reconcile_interval`` (60 s by default)."""
-    ada = server.add_user("Ada")
-    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     runtime = ScriptedRuntime()
     async with running(server, agent, runtime) as run:  # reconcile_interval=30
         server.delay_ws_frames(0.5)  # the live frames come a little late
@@ -133,13 +130,15 @@ async def test_a_live_message_is_not_dropped_while_a_catch_up_fetch_of_it_fails(
 
 @pytest.mark.asyncio
 async def test_an_unexpected_error_on_one_item_does_not_stop_catch_up(
-    server: FakeParallServer, agent: AgentAccount, monkeypatch: pytest.MonkeyPatch
+    server: FakeParallServer,
+    agent: AgentAccount,
+    ada: User,
+    room: Chat,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A bug met while handling one dispatch item (stood in for by an exception injected
     into the item handler) leaves that item pending; the rest of the pass and every later
     pass still run."""
-    ada = server.add_user("Ada")
-    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     first = server.post_message(room.id, ada.id, "first")
     server.post_message(room.id, ada.id, "second")  # both wait for catch-up
     original = Sources.on_item
@@ -164,7 +163,7 @@ async def test_an_unexpected_error_on_one_item_does_not_stop_catch_up(
 
 @pytest.mark.asyncio
 async def test_text_message_with_attachment_ids_only_gets_a_media_url(
-    server: FakeParallServer, agent: AgentAccount
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
 ) -> None:
     """PROTOCOL.md, Objects, ``Message``: "``attachment_ids`` (list, may be absent),
     ``attachments`` (list, may be absent ...). A ``text`` message may carry attachments
@@ -176,12 +175,10 @@ async def test_text_message_with_attachment_ids_only_gets_a_media_url(
     A server may send ``attachment_ids`` without the ``attachments`` objects: the
     attachment must still reach the body (its URL from ``get_file_url``).
     """
-    ada = server.add_user("Ada")
-    chat = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     attachment = server.add_attachment(b"png", file_name="a.png", mime_type="image/png")
     frame: dict[str, Any] = {
         "id": "msg_ids_only",
-        "chat_id": chat.id,
+        "chat_id": room.id,
         "sender_id": ada.id,
         "sender": {"id": ada.id, "display_name": "Ada", "type": "human"},
         "message_type": "text",
@@ -200,7 +197,7 @@ async def test_text_message_with_attachment_ids_only_gets_a_media_url(
 
 @pytest.mark.asyncio
 async def test_tool_call_recorder_never_raises_on_json_string_args(
-    server: FakeParallServer, agent: AgentAccount
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
 ) -> None:
     """DESIGN.md section 4: "Recorder methods on ``Turn``, synchronous, ordered, never
     raising ... ``tool_call(call_id, name, args)``"; PROTOCOL.md ``AgentStep``:
@@ -220,10 +217,8 @@ async def test_tool_call_recorder_never_raises_on_json_string_args(
         turn.tool_result("call_1", "found")
         return "done"
 
-    ada = server.add_user("Ada")
-    chat = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     async with running(server, agent, ScriptedRuntime(behaviour)) as run:
-        server.post_message(chat.id, ada.id, "look it up")
+        server.post_message(room.id, ada.id, "look it up")
         await run.wait_for(lambda: len(run.runtime.finished) == 1)
         await run.wait_for(lambda: not run.pending())
     assert raised == []
@@ -235,7 +230,7 @@ async def test_tool_call_recorder_never_raises_on_json_string_args(
 
 @pytest.mark.asyncio
 async def test_cold_start_window_zero_skips_every_pending_item_on_the_first_pass(
-    server: FakeParallServer, agent: AgentAccount
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
 ) -> None:
     """DESIGN.md section 3, Catch-up: "on the first catch-up pass of a process skip (ack,
     logged at WARNING) items older than the cold-start window (5 min; ``None`` turns
@@ -244,9 +239,7 @@ async def test_cold_start_window_zero_skips_every_pending_item_on_the_first_pass
     Only ``None`` turns the skip off: with a window of 0 s every pending item is older
     than the window, so the first pass acks it without a turn.
     """
-    ada = server.add_user("Ada")
-    chat = server.add_chat(type="direct", members=[ada.id, agent.user_id])
-    server.post_message(chat.id, ada.id, "from before the start")
+    server.post_message(room.id, ada.id, "from before the start")
     server.age_dispatch_items(60)
     async with running(server, agent, cold_start_window=0.0) as run:
         await run.wait_for(lambda: not run.pending())
@@ -278,14 +271,14 @@ class Stubborn:
 async def test_a_timed_out_turn_that_swallows_its_cancellation_keeps_its_session(
     server: FakeParallServer,
     agent: AgentAccount,
+    ada: User,
+    room: Chat,
     monkeypatch: pytest.MonkeyPatch,
     all_logs: pytest.LogCaptureFixture,
 ) -> None:
     """At most one run_turn per session (DESIGN 4): the next turn of the chat waits for the
     stubborn one to end; then the timeout is recorded and the lane goes on."""
     monkeypatch.setattr(lanes_module, "TURN_CANCEL_TIMEOUT", 0.2)
-    ada = server.add_user("Ada")
-    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     stubborn = Stubborn(swallow=100)
     runtime = ScriptedRuntime(stubborn)
     try:
@@ -352,11 +345,13 @@ async def test_a_fork_is_released_only_after_its_stubborn_turn_ended(
 
 @pytest.mark.asyncio
 async def test_shutdown_while_a_timed_out_turn_is_being_stopped_leaves_nothing_running(
-    server: FakeParallServer, agent: AgentAccount, monkeypatch: pytest.MonkeyPatch
+    server: FakeParallServer,
+    agent: AgentAccount,
+    ada: User,
+    room: Chat,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(lanes_module, "TURN_CANCEL_TIMEOUT", 3.0)
-    ada = server.add_user("Ada")
-    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     stubborn = Stubborn(swallow=1)  # a second cancellation ends it
     runtime = ScriptedRuntime(stubborn)
     try:
@@ -371,10 +366,8 @@ async def test_shutdown_while_a_timed_out_turn_is_being_stopped_leaves_nothing_r
 
 @pytest.mark.asyncio
 async def test_send_message_after_the_turn_ended_is_refused(
-    server: FakeParallServer, agent: AgentAccount
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
 ) -> None:
-    ada = server.add_user("Ada")
-    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     kept: list[Turn] = []
 
     async def behaviour(turn: Turn) -> str | None:
@@ -391,11 +384,13 @@ async def test_send_message_after_the_turn_ended_is_refused(
 
 @pytest.mark.asyncio
 async def test_shutdown_does_not_wait_forever_for_a_turn_that_swallows_its_cancellation(
-    server: FakeParallServer, agent: AgentAccount, monkeypatch: pytest.MonkeyPatch
+    server: FakeParallServer,
+    agent: AgentAccount,
+    ada: User,
+    room: Chat,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(lanes_module, "TURN_CANCEL_TIMEOUT", 0.2)
-    ada = server.add_user("Ada")
-    room = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     stubborn = Stubborn(swallow=1)
     runtime = ScriptedRuntime(stubborn)
     async with running(server, agent, runtime, shutdown_grace=0.1) as run:

@@ -30,11 +30,6 @@ from ._harness import FAST_BACKOFF, Gate, ScriptedRuntime, make_config, running
 
 
 @pytest.fixture
-def ada(server: FakeParallServer) -> User:
-    return server.add_user("Ada")
-
-
-@pytest.fixture
 def direct(server: FakeParallServer, agent: AgentAccount, ada: User) -> Chat:
     return server.add_chat(type="direct", members=[ada.id, agent.user_id])
 

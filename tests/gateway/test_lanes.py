@@ -37,11 +37,6 @@ class Gates:
         return f"handled {len(turn.events)}"
 
 
-@pytest.fixture
-def ada(server: FakeParallServer) -> User:
-    return server.add_user("Ada")
-
-
 def direct_chats(server: FakeParallServer, agent: AgentAccount, ada: User, n: int) -> list[Chat]:
     return [
         server.add_chat(

@@ -20,16 +20,6 @@ from parall_bridge.testing import AgentAccount, FakeParallServer
 from ._harness import Gate, ScriptedRuntime, running
 
 
-@pytest.fixture
-def ada(server: FakeParallServer) -> User:
-    return server.add_user("Ada")
-
-
-@pytest.fixture
-def room(server: FakeParallServer, agent: AgentAccount, ada: User) -> Chat:
-    return server.add_chat(type="direct", members=[ada.id, agent.user_id])
-
-
 def list_dispatch_calls(server: FakeParallServer) -> int:
     return len([r for r in server.requests if r.method == "GET" and r.path.endswith("/dispatch")])
 
