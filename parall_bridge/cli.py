@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 from . import protocol as p
 from .client import ParallClient
@@ -100,6 +100,11 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, on_signal)
 
 
+def _describe(exc: BaseException) -> str:
+    """An error as one line: its type and text (never a secret: ours carry none)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 def load_runtime(spec: str) -> AgentRuntime:
     """The runtime named by ``"module:name"`` (``name`` may be dotted): an
     :class:`AgentRuntime` instance, or a class or factory called without arguments.
@@ -128,9 +133,7 @@ def load_runtime(spec: str) -> AgentRuntime:
         try:
             made = target()
         except Exception as exc:
-            raise ConfigurationError(
-                f"calling {spec}() failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise ConfigurationError(f"calling {spec}() failed: {_describe(exc)}") from exc
         if isinstance(made, AgentRuntime):
             return made
     raise ConfigurationError(
@@ -159,7 +162,7 @@ async def run_gateway(
     try:
         await gateway.start(stop)
     except ParallError as exc:
-        out(f"gateway stopped: {type(exc).__name__}: {exc}")
+        out(f"gateway stopped: {_describe(exc)}")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -178,7 +181,7 @@ async def check(config: GatewayConfig, out: Callable[[str], None] = _print) -> i
         try:
             me = await client.get_agent_me(config.org_id)
         except ParallError as exc:
-            report(False, "agent", f"{type(exc).__name__}: {exc}")
+            report(False, "agent", _describe(exc))
             return EXIT_FAILED
         if config.agent_id is not None and me.id != config.agent_id:
             report(False, "agent", f"the key is {me.id}'s, PRLL_AGENT_ID is {config.agent_id}")
@@ -188,13 +191,13 @@ async def check(config: GatewayConfig, out: Callable[[str], None] = _print) -> i
             platform = await client.get_agent_config(config.org_id, me.id)
             report(True, "platform config", f"version {platform.version}")
         except ParallError as exc:
-            report(False, "platform config", f"{type(exc).__name__}: {exc}")
+            report(False, "platform config", _describe(exc))
         try:
             page = await client.get_dispatch(config.org_id, limit=100)
             count = f"{len(page.data)}{'+' if page.has_more else ''}"
             report(True, "dispatch queue", f"{count} pending item(s)")
         except ParallError as exc:
-            report(False, "dispatch queue", f"{type(exc).__name__}: {exc}")
+            report(False, "dispatch queue", _describe(exc))
         ws = ParallWs(
             client.get_ws_ticket,
             config.ws_url or ws_url_from_base(config.parall_url),
@@ -205,18 +208,15 @@ async def check(config: GatewayConfig, out: Callable[[str], None] = _print) -> i
                 await ws.connect()
             report(True, "WebSocket", f"hello received (session {ws.session_id})")
         except (ParallError, TimeoutError) as exc:
-            report(False, "WebSocket", f"{type(exc).__name__}: {exc}")
+            report(False, "WebSocket", _describe(exc))
         finally:
             await ws.disconnect()
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _config_from_env(env: Mapping[str, str] | None = None) -> GatewayConfig | None:
-    try:
-        return GatewayConfig.from_env(env)
-    except ConfigurationError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return None
+def _usage_error(exc: Exception) -> int:
+    print(f"configuration error: {exc}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -244,9 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(run_demo(_print))
     if args.command == "emulator":
         return asyncio.run(_emulator(args.port))
-    config = _config_from_env()
-    if config is None:
-        return EXIT_USAGE
+    try:
+        config = GatewayConfig.from_env()
+    except ConfigurationError as exc:
+        return _usage_error(exc)
     if args.command == "check":
         return asyncio.run(check(config))
     if os.getcwd() not in sys.path:
@@ -254,8 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runtime = load_runtime(args.runtime)
     except ConfigurationError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error(exc)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

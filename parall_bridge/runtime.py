@@ -438,14 +438,14 @@ def tool_args(args: object) -> object:
         return {}
     if isinstance(args, Mapping):
         return dict(args)
-    if isinstance(args, str | bytes):
+    if isinstance(args, bytes):
+        args = args.decode(errors="replace")
+    if isinstance(args, str):
         try:
             decoded = json.loads(args)
         except ValueError:
-            return args if isinstance(args, str) else args.decode(errors="replace")
-        if isinstance(decoded, dict):
-            return decoded
-        return args if isinstance(args, str) else args.decode(errors="replace")
+            return args
+        return decoded if isinstance(decoded, dict) else args
     return args
 
 
