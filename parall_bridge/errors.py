@@ -25,6 +25,7 @@ __all__ = [
     "ProtocolError",
     "RateLimitedError",
     "ServerError",
+    "StateStoreError",
     "WebSocketClosedError",
     "api_error_for_status",
 ]
@@ -203,3 +204,12 @@ def api_error_for_status(status: int) -> type[ParallAPIError]:
     if status >= 500:
         return ServerError
     return _BY_STATUS.get(status, ParallAPIError)
+
+
+class StateStoreError(ParallError):
+    """A state store cannot be used: it is held by another gateway, belongs to another
+    agent, has a schema this version does not know, or cannot be read or written.
+
+    The message names the store (its file, for SQLite) and the account; it never
+    holds a secret.
+    """

@@ -1,0 +1,31 @@
+"""What a gateway keeps across restarts: the :class:`StateStore` contract and its stores.
+
+- :class:`MemoryStateStore`: in memory (the bare gateway's default): nothing
+  survives the process.
+- :class:`SqliteStateStore`: a SQLite file (``GatewayConfig(state_path=...)``):
+  the embedded durable default, one file per account.
+"""
+
+from .base import (
+    SourceRow,
+    StateBatch,
+    StateStore,
+    StoredState,
+    StoreIdentity,
+    StoreMeta,
+    TurnRow,
+)
+from .memory import MemoryStateStore
+from .sqlite import SqliteStateStore
+
+__all__ = [
+    "MemoryStateStore",
+    "SourceRow",
+    "SqliteStateStore",
+    "StateBatch",
+    "StateStore",
+    "StoreIdentity",
+    "StoreMeta",
+    "StoredState",
+    "TurnRow",
+]
