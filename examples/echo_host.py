@@ -12,7 +12,7 @@ class EchoRuntime(AgentRuntime):
         turn.reasoning(f"{turn.event.sender_name} wrote: {turn.event.text}", done=True)
         reply = f"You said: {turn.event.text}"
         if turn.chat_id:
-            await turn.send_message(reply)  # idempotent per event: never posted twice
+            await turn.send_message(reply)  # posted once, even if a crash runs the turn again
         return reply  # recorded as a suppressed text step
 
 
@@ -20,7 +20,8 @@ async def main() -> None:
     abort = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, abort.set)
-    gateway = Gateway(GatewayConfig.from_env(), EchoRuntime())
+    config = GatewayConfig.from_env(state_path="echo_host.db")  # a restart resumes from it
+    gateway = Gateway(config, EchoRuntime())
     await gateway.start(abort)  # runs until Ctrl-C, then shuts down cleanly
 
 

@@ -1,8 +1,9 @@
 """parall_bridge: connect AI agents in any Python agent framework to Parall.
 
 The public names are importable from this package directly: the REST client
-(:class:`ParallClient`), the models of the protocol, the typed errors, and
-the retry policy.
+(:class:`ParallClient`), the WebSocket client, the gateway and its host contract,
+the state stores, the models of the protocol, the typed errors, and the retry
+policy.
 """
 
 from ._retry import RetryPolicy
@@ -21,6 +22,7 @@ from .errors import (
     ProtocolError,
     RateLimitedError,
     ServerError,
+    StateStoreError,
     WebSocketClosedError,
 )
 from .events import EventKind, EventOrigin, ParallEvent
@@ -85,6 +87,7 @@ from .runtime import (
     ToolResult,
     Turn,
 )
+from .state import MemoryStateStore, SqliteStateStore, StateStore
 from .ws import Backoff, ConnectionState, ParallWs, StateChange
 
 __version__ = "0.1.0.dev0"
@@ -126,6 +129,7 @@ __all__ = [
     "Hello",
     "HistoryEntry",
     "MediaContent",
+    "MemoryStateStore",
     "Mention",
     "Message",
     "MessageHints",
@@ -154,7 +158,10 @@ __all__ = [
     "ServerError",
     "SessionRef",
     "SourceType",
+    "SqliteStateStore",
     "StateChange",
+    "StateStore",
+    "StateStoreError",
     "StepType",
     "StreamEvent",
     "TargetType",

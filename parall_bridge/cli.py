@@ -5,7 +5,9 @@
 - ``run MODULE:NAME``: run the gateway with a host's runtime (an
   :class:`~parall_bridge.AgentRuntime` subclass, instance or factory, imported
   from ``MODULE``) on the configuration of the ``PRLL_*`` environment variables,
-  until SIGINT or SIGTERM.
+  until SIGINT or SIGTERM. It keeps a durable state file (``--state PATH``, else
+  ``PRLL_STATE_PATH``, else ``./.parall_bridge/<agent id>.db``; ``--no-state`` keeps
+  it in memory), so a restart never replies twice.
 - ``check``: check that configuration without running anything: the key and
   the agent, the platform config, the dispatch queue, a WebSocket ``hello``.
 - ``emulator``: serve the Parall emulator on a local port until interrupted,
@@ -24,9 +26,14 @@ import importlib
 import inspect
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final
+
+import attrs
 
 from . import protocol as p
 from .client import ParallClient
@@ -36,11 +43,21 @@ from .routing import RoutingStrategy, SerialRoutingStrategy
 from .runtime import AgentRuntime
 from .ws import ParallWs, ws_url_from_base
 
-__all__ = ["check", "load_runtime", "main", "run_gateway"]
+__all__ = [
+    "check",
+    "default_state_path",
+    "load_runtime",
+    "main",
+    "resolve_state_path",
+    "run_gateway",
+]
 
 CHECK_WS_TIMEOUT = 15.0
 """How long ``check`` waits for the WebSocket ``hello``."""
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+STATE_DIR: Final = ".parall_bridge"
+"""Where ``run`` keeps a state file per agent by default (in the working directory)."""
+_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def _print(text: str = "") -> None:
@@ -141,6 +158,28 @@ def load_runtime(spec: str) -> AgentRuntime:
     )
 
 
+def default_state_path(agent_id: str, directory: str | os.PathLike[str] = STATE_DIR) -> str:
+    """The state file ``run`` keeps for an agent by default: one per agent, named after
+    its id, under ``./.parall_bridge/``."""
+    return str(Path(directory) / f"{_UNSAFE.sub('_', agent_id)}.db")
+
+
+async def resolve_state_path(config: GatewayConfig) -> GatewayConfig:
+    """``config`` with a ``state_path``: its own, else the agent's default file (the
+    agent's id from ``PRLL_AGENT_ID``, else asked of the platform).
+
+    Raises:
+        ParallError: the platform could not say who the key belongs to.
+    """
+    if config.state_path is not None:
+        return config
+    agent_id = config.agent_id
+    if agent_id is None:
+        async with ParallClient(config.parall_url, config.api_key) as client:
+            agent_id = (await client.get_me()).id
+    return attrs.evolve(config, state_path=default_state_path(agent_id))
+
+
 async def run_gateway(
     config: GatewayConfig,
     runtime: AgentRuntime,
@@ -148,17 +187,34 @@ async def run_gateway(
     routing: RoutingStrategy | None = None,
     stop: asyncio.Event | None = None,
     out: Callable[[str], None] = _print,
+    durable: bool = True,
 ) -> int:
     """Run a gateway until ``stop`` is set (SIGINT or SIGTERM when not given); returns
-    the exit status (1 when the platform refused the key or closed for good)."""
+    the exit status (1 when the platform refused the key or closed for good, or the
+    state file cannot be used).
+
+    With ``durable`` (the default) the gateway keeps its state in ``config.state_path``,
+    or in the agent's default file (:func:`default_state_path`), and says where;
+    without, in memory (a restart forgets what was in flight)."""
     if stop is None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
     try:
+        if durable:
+            config = await resolve_state_path(config)
+        else:
+            config = attrs.evolve(config, state_path=None)
         gateway = Gateway(config, runtime, routing=routing)
     except TypeError as exc:  # not a runtime, or a run_turn that is not async
         out(f"configuration error: {exc}")
         return EXIT_USAGE
+    except ParallError as exc:
+        out(f"gateway stopped: {_describe(exc)}")
+        return EXIT_FAILED
+    if config.state_path is not None:
+        out(f"state: {config.state_path} (a restart resumes from it)")
+    else:
+        out("state: in memory (--no-state: a restart forgets what was in flight)")
     try:
         await gateway.start(stop)
     except ParallError as exc:
@@ -227,6 +283,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = commands.add_parser("run", help="run the gateway with a host's runtime")
     run.add_argument("runtime", help="MODULE:NAME of an AgentRuntime (class, instance, factory)")
     run.add_argument("--serial", action="store_true", help="never fork (SerialRoutingStrategy)")
+    state = run.add_mutually_exclusive_group()
+    state.add_argument(
+        "--state",
+        metavar="PATH",
+        help="the state file (PRLL_STATE_PATH; default ./.parall_bridge/<agent id>.db)",
+    )
+    state.add_argument(
+        "--no-state", action="store_true", help="keep the state in memory (not durable)"
+    )
     run.add_argument(
         "--log-level",
         default="INFO",
@@ -245,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "emulator":
         return asyncio.run(_emulator(args.port))
     try:
-        config = GatewayConfig.from_env()
+        overrides = {"state_path": args.state} if getattr(args, "state", None) else {}
+        config = GatewayConfig.from_env(**overrides)
     except ConfigurationError as exc:
         return _usage_error(exc)
     if args.command == "check":
@@ -260,4 +326,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     routing = SerialRoutingStrategy() if args.serial else None
-    return asyncio.run(run_gateway(config, runtime, routing=routing))
+    return asyncio.run(run_gateway(config, runtime, routing=routing, durable=not args.no_state))

@@ -31,6 +31,7 @@ DEMO_TIMEOUT: Final = 20.0
 Say = Callable[[str], None]
 
 _TASK_VERSION: Final = re.compile(r"@\d{4}-\d\d-\d\dT[0-9:.+]+")
+_TURN_ID: Final = re.compile(r"\b(t[0-9a-f]{6})[0-9a-f]{18}\b")
 
 
 class DemoRuntime(AgentRuntime):
@@ -90,13 +91,14 @@ class _Trace(logging.Handler):
         for raw, label in self._labels.items():
             text = text.replace(raw, label)
         text = _TASK_VERSION.sub("", text)  # a task's dedupe key is id@updated_at
+        text = _TURN_ID.sub(r"\1", text)  # a turn id, shortened
         for word in ("route ", "turn ", "acked ", "agent session "):
             text = text.removeprefix(word)
         self._say(f"{time.monotonic() - self._started:6.2f}s  {kind:<6} {text}")
 
     @staticmethod
     def _kind(record: logging.LogRecord, text: str) -> str | None:
-        if record.name.endswith(".lanes"):
+        if record.name.endswith((".lanes", ".turns")):
             if text.startswith("route "):
                 return "route"
             if text.startswith("turn "):

@@ -9,6 +9,7 @@ into one is sanitised so that it cannot end the line or forge another header
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 from collections.abc import Sequence
 from datetime import datetime
@@ -29,6 +30,7 @@ __all__ = [
     "build_task_text",
     "join_prompt",
     "sanitize_header_value",
+    "turn_id_of",
 ]
 
 SUMMARY_LIMIT: Final = 200
@@ -372,3 +374,12 @@ def build_fork_result_prefix(results: Sequence[ForkResult]) -> str:
 def join_prompt(prefix: str, bodies: Sequence[str]) -> str:
     """The fork-result prefix (if any), then the bodies joined by ``---`` lines."""
     return prefix + PROMPT_SEPARATOR.join(bodies)
+
+
+def turn_id_of(keys: Sequence[str]) -> str:
+    """The id of a turn that handles the events of ``keys``, in this order: the same keys
+    give the same id in any process, so a turn that runs again (after a crash) keeps its
+    replies' idempotency keys. A task's key holds its ``updated_at``, so a task assigned
+    again makes a new turn id."""
+    digest = hashlib.blake2b("\x00".join(keys).encode(), digest_size=12).hexdigest()
+    return f"t{digest}"

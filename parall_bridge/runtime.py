@@ -16,12 +16,12 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import attrs
 
 from . import protocol as p
-from .events import EventKind, ParallEvent, build_history_body, join_prompt
+from .events import EventKind, ParallEvent, build_history_body, join_prompt, turn_id_of
 from .models import AgentConfig, AgentStep, Message, StepType, TargetType
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ __all__ = [
     "ToolCall",
     "ToolResult",
     "Turn",
+    "TurnHooks",
 ]
 
 _log = logging.getLogger("parall_bridge.runtime")
@@ -160,6 +161,38 @@ StreamEvent: TypeAlias = (
 # --- the turn ----------------------------------------------------------------------------
 
 
+class TurnHooks(Protocol):
+    """What a :class:`Turn` needs from whoever runs it: the gateway's turn lifecycle
+    implements it; a host never does (a :class:`Turn` built with ``record=`` only gets a
+    default that never ends)."""
+
+    @property
+    def ended(self) -> bool:
+        """Whether the turn is over (recorder calls are then ignored, sends refused)."""
+
+    def record(self, step: AgentStep) -> None:
+        """Take a recorded step (synchronously; written off the critical path)."""
+
+    async def before_send(self) -> None:
+        """Called before each :meth:`Turn.send_message` (the gateway makes the turn's
+        journal entry durable here, so a crash after the send runs it again with the
+        same keys)."""
+
+
+class _Unmanaged:
+    """The hooks of a turn built without a gateway (a host's own tests)."""
+
+    def __init__(self, record: Callable[[AgentStep], None]) -> None:
+        self.record = record
+
+    @property
+    def ended(self) -> bool:
+        return False
+
+    async def before_send(self) -> None:
+        return None
+
+
 class Turn:
     """One agent turn: the events it handles, the text to read, and tools to act.
 
@@ -168,6 +201,18 @@ class Turn:
     :meth:`tool_call`, :meth:`tool_result`) are synchronous, keep their
     order, never raise, and do nothing once the turn has ended: the gateway
     writes the steps to the platform off the critical path.
+
+    Args:
+        session: the session it runs on.
+        events: the events it handles (the last one is the prompt).
+        prefix: the fork-result prefix of its body.
+        org_id: the organisation.
+        agent_id: the agent's user id.
+        client: the REST client.
+        record: where recorded steps go, for a turn built without a gateway.
+        turn_id: its id (by default derived from its events' keys, see
+            :attr:`turn_id`).
+        hooks: the gateway's lifecycle of the turn (instead of ``record``).
     """
 
     def __init__(
@@ -179,22 +224,27 @@ class Turn:
         org_id: str,
         agent_id: str,
         client: ParallClient,
-        record: Callable[[AgentStep], None],
+        record: Callable[[AgentStep], None] | None = None,
+        turn_id: str | None = None,
+        hooks: TurnHooks | None = None,
     ) -> None:
         if not events:
             raise ValueError("a turn handles at least one event")
+        if hooks is None:
+            if record is None:
+                raise TypeError("Turn needs record= (or the gateway's hooks=)")
+            hooks = _Unmanaged(record)
         self._session = session
         self._events = tuple(events)
         self._prefix = prefix
         self._org_id = org_id
         self._agent_id = agent_id
         self._client = client
-        self._record = record
+        self._hooks = hooks
+        self._turn_id = turn_id or turn_id_of([event.key for event in self._events])
         self._group_key = uuid.uuid4().hex
         self._reasoning: list[str] = []
         self._sends = 0
-        self._recorded_text = False
-        self._ended = False
         last = self._events[-1]
         self._history = tuple(
             HistoryEntry(
@@ -208,9 +258,24 @@ class Turn:
         self._body = prefix + last.body
 
     def __repr__(self) -> str:
-        return f"Turn(session_key={self.session_key!r}, events={len(self._events)})"
+        return (
+            f"Turn(turn_id={self._turn_id!r}, session_key={self.session_key!r}, "
+            f"events={len(self._events)})"
+        )
 
     # --- what the turn is about ------------------------------------------------------
+
+    @property
+    def turn_id(self) -> str:
+        """The turn's id: derived from the keys of its events in order (a message's id, a
+        task's id and ``updated_at``), so the same events give the same id in any
+        process; random for a turn without a platform event (a fork-result wake-up).
+
+        A turn interrupted by a crash runs again with the same events, so the same id:
+        use it to make the host's own side effects idempotent. Its replies' keys derive
+        from it (:meth:`send_message`).
+        """
+        return self._turn_id
 
     @property
     def session_key(self) -> str:
@@ -280,7 +345,7 @@ class Turn:
     @property
     def ended(self) -> bool:
         """Whether the turn is over (recorder calls are then ignored)."""
-        return self._ended
+        return self._hooks.ended
 
     def prompt(self) -> str:
         """The fork-result prefix if any, then each event's body in arrival order,
@@ -301,23 +366,28 @@ class Turn:
     ) -> Message:
         """Send a message to the turn's chat (or ``chat_id``).
 
-        The idempotency key is ``pb:<event key>:<n>`` for the n-th send of
-        the turn, so when the platform redelivers an event whose turn already
-        replied, the reply is not posted twice.
+        The idempotency key is ``pb:<agent_id>:<turn_id>:<n>`` for the n-th send
+        of the turn: when a turn runs again with the same events (the platform
+        redelivered them after a crash), its replies are not posted twice; the
+        agent's id keeps two agents answering one message apart (the platform
+        scopes keys to the org).
 
         Raises:
             RuntimeError: the turn has ended (returned, failed, or was cancelled).
             ValueError: the turn has no chat (a task) and ``chat_id`` is not given.
         """
-        if self._ended:
-            # Its keys belong to the event's next attempt now (a turn cancelled at
+        if self._hooks.ended:
+            # Its keys belong to the events' next attempt now (a turn cancelled at
             # shutdown that went on anyway must not use up its retry's reply).
             raise RuntimeError("this turn has ended: send with turn.client.send_message")
         target = chat_id or self.chat_id
         if not target:
             raise ValueError("this turn has no chat (a task): pass chat_id")
         self._sends += 1
-        key = f"{p.IDEMPOTENCY_PREFIX}{self._events[-1].key}:{self._sends}"
+        key = f"{p.IDEMPOTENCY_PREFIX}{self._agent_id}:{self._turn_id}:{self._sends}"
+        await self._hooks.before_send()
+        if self._hooks.ended:
+            raise RuntimeError("this turn has ended: send with turn.client.send_message")
         return await self._client.send_message(
             self._org_id,
             target,
@@ -333,14 +403,14 @@ class Turn:
 
     def new_response(self) -> None:
         """A new LLM response starts: a new group key for the steps that follow."""
-        if self._ended:
+        if self._hooks.ended:
             return
         self._flush_reasoning()
         self._group_key = uuid.uuid4().hex
 
     def reasoning(self, text: str, done: bool = False) -> None:
         """A reasoning delta; ``done=True`` ends the block (one thinking step per block)."""
-        if self._ended:
+        if self._hooks.ended:
             return
         if text:
             self._reasoning.append(text if isinstance(text, str) else str(text))
@@ -349,16 +419,15 @@ class Turn:
 
     def reasoning_done(self) -> None:
         """The current reasoning block ended."""
-        if not self._ended:
+        if not self._hooks.ended:
             self._flush_reasoning()
 
     def text(self, text: str) -> None:
         """Plain text from the agent: recorded as a suppressed text step, never posted."""
         text = text if isinstance(text, str) else str(text)
-        if self._ended or not text.strip():
+        if self._hooks.ended or not text.strip():
             return
         self._flush_reasoning()
-        self._recorded_text = True
         self._emit(StepType.TEXT, {"text": text.strip(), "suppressed": True})
 
     def tool_call(
@@ -366,14 +435,14 @@ class Turn:
     ) -> None:
         """The agent called a tool. ``args`` may be a mapping or, as many model SDKs give
         it, a JSON string (decoded when it holds an object, else recorded as it is)."""
-        if self._ended:
+        if self._hooks.ended:
             return
         self._flush_reasoning()
         self._emit(StepType.TOOL_CALL, {"call_id": call_id, "name": name, "args": tool_args(args)})
 
     def tool_result(self, call_id: str, output: Any = None, error: str | None = None) -> None:
         """A tool call returned ``output`` or failed with ``error``."""
-        if self._ended:
+        if self._hooks.ended:
             return
         self._flush_reasoning()
         content: dict[str, Any] = {"call_id": call_id}
@@ -383,31 +452,7 @@ class Turn:
             content["error"] = error
         self._emit(StepType.TOOL_RESULT, content)
 
-    # --- used by the gateway ----------------------------------------------------------
-
-    def _finish(self, reply: object) -> None:
-        """End the turn: flush reasoning, record the reply unless text was recorded.
-
-        A reply that is not a string (a host's mistake) is recorded as its ``str``.
-        """
-        if self._ended:
-            return
-        self._flush_reasoning()
-        if reply is not None and not isinstance(reply, str):
-            _log.warning(
-                "run_turn returned a %s, not str | None: recorded as its str",
-                type(reply).__name__,
-            )
-        text = reply if isinstance(reply, str) or reply is None else str(reply)
-        if text and text.strip() and not self._recorded_text:
-            self.text(text)
-        self._ended = True
-
-    def _abandon(self) -> None:
-        """End the turn after a failure or cancellation (pending reasoning is kept)."""
-        if not self._ended:
-            self._flush_reasoning()
-            self._ended = True
+    # --- internals ------------------------------------------------------------------
 
     def _flush_reasoning(self) -> None:
         if self._reasoning:
@@ -426,7 +471,7 @@ class Turn:
                 content=json_safe(content),
                 group_key=self._group_key,
             )
-            self._record(step)
+            self._hooks.record(step)
         except Exception:  # the recorder never raises into the host
             _log.exception("could not record a %s step", step_type.value)
 

@@ -324,6 +324,8 @@ class ParallWs:
         hello_timeout: seconds to wait for ``hello`` after the upgrade.
         connect_timeout: seconds the upgrade request may take.
         max_frame_size: largest frame read, in bytes.
+        last_seq: the sequence number to resume from on the first connection (a
+            restarted process's last delivered ``seq``; 0: no resume).
 
     Handlers registered with :meth:`on` receive the typed payload of each
     event (``Message`` for ``message.new``, ``Hello`` for ``hello`` on every
@@ -343,11 +345,14 @@ class ParallWs:
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        last_seq: int = 0,
     ) -> None:
         if hello_timeout <= 0 or connect_timeout <= 0:
             raise ValueError("hello_timeout and connect_timeout must be > 0")
         if max_frame_size <= 0:
             raise ValueError("max_frame_size must be > 0")
+        if isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0:
+            raise ValueError("last_seq must be an integer >= 0")
         self._get_ticket = get_ticket
         self._ws_url = ws_url
         self._session = session
@@ -363,7 +368,7 @@ class ParallWs:
         self._state = ConnectionState.DISCONNECTED
         self._session_id: str | None = None
         self._heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
-        self._last_seq = 0
+        self._last_seq = last_seq
         self._latency: float | None = None
 
         self._transport: _Transport | None = None

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -136,8 +137,14 @@ def test_load_runtime_explains_a_bad_spec(spec: str, message: str) -> None:
 
 @pytest.mark.asyncio
 async def test_run_gateway_runs_until_stopped(
-    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+    server: FakeParallServer,
+    agent: AgentAccount,
+    ada: User,
+    room: Chat,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(tmp_path)
     runtime = ScriptedRuntime()
     stop = asyncio.Event()
     lines: list[str] = []
@@ -153,8 +160,65 @@ async def test_run_gateway_runs_until_stopped(
         stop.set()
         status = await asyncio.wait_for(task, 30.0)
     assert status == 0
-    assert lines == []
+    # By default the state is kept in a file per agent, under ./.parall_bridge/.
+    path = f".parall_bridge/{agent.user_id}.db"
+    assert lines == [f"state: {path} (a restart resumes from it)"]
+    assert (tmp_path / path).is_file()
     assert server.sessions(agent.user_id)[-1].status == "completed"
+
+
+@pytest.mark.asyncio
+async def test_run_gateway_keeps_the_state_where_told_or_in_memory(
+    server: FakeParallServer,
+    agent: AgentAccount,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for config, durable, expected in (
+        (make_config(server, agent, state_path=str(tmp_path / "s.db")), True, "s.db"),
+        (make_config(server, agent), False, None),
+    ):
+        stop = asyncio.Event()
+        lines: list[str] = []
+        connections = len(server.ws_connections)
+        task = asyncio.get_running_loop().create_task(
+            run_gateway(config, ScriptedRuntime(), stop=stop, out=lines.append, durable=durable)
+        )
+        await server.wait_for(partial(opened_since, server, connections))
+        stop.set()
+        assert await asyncio.wait_for(task, 30.0) == 0
+        if expected:
+            assert lines == [f"state: {tmp_path / expected} (a restart resumes from it)"]
+        else:
+            assert lines == ["state: in memory (--no-state: a restart forgets what was in flight)"]
+    assert sorted(path.name for path in tmp_path.glob("*.db")) == ["s.db"]  # noqa: ASYNC240
+
+
+def opened_since(server: FakeParallServer, count: int) -> bool:
+    """Whether a WebSocket was opened since there were ``count``."""
+    return len(server.ws_connections) > count
+
+
+@pytest.mark.asyncio
+async def test_run_gateway_refuses_a_state_file_in_use(
+    server: FakeParallServer, agent: AgentAccount, tmp_path: Path
+) -> None:
+    """Two gateways never share one file: the second stops at start, naming it."""
+    config = make_config(server, agent, state_path=str(tmp_path / "state.db"))
+    stop = asyncio.Event()
+    first = asyncio.get_running_loop().create_task(
+        run_gateway(config, ScriptedRuntime(), stop=stop, out=list[str]().append)
+    )
+    try:
+        await server.wait_for(lambda: bool(server.ws_connections))
+        lines: list[str] = []
+        assert await run_gateway(config, ScriptedRuntime(), stop=stop, out=lines.append) == 1
+        assert lines[-1].startswith("gateway stopped: StateStoreError")
+        assert str(tmp_path / "state.db") in lines[-1]
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(first, 30.0) == 0
 
 
 @pytest.mark.asyncio
@@ -229,9 +293,9 @@ HOST = """
 import asyncio
 
 from parall_bridge import AgentRuntime
-from parall_bridge.gateway import lanes
+from parall_bridge.gateway import lanes, turns
 
-lanes.TURN_CANCEL_TIMEOUT = 0.2  # the test's speed-up: abandoned sooner
+turns.TURN_CANCEL_TIMEOUT = 0.2  # the test's speed-up: abandoned sooner
 _close = lanes.Lanes.close
 
 
@@ -284,6 +348,8 @@ async def test_cli_run_exits_after_sigint_with_a_turn_that_ignores_cancellation(
         assert proc.stdout is not None
         await server.wait_for(lambda: any(c.ticket_ok for c in server.ws_connections), 15.0)
         server.post_message(room.id, ada.id, "hello")
+        line = await asyncio.wait_for(proc.stdout.readline(), 15.0)
+        assert line.startswith(b"state: .parall_bridge/")  # the default state file
         line = await asyncio.wait_for(proc.stdout.readline(), 15.0)
         assert line.strip() == b"TURN"
         proc.send_signal(signal.SIGINT)

@@ -33,7 +33,9 @@ async def run_example(
     server: FakeParallServer,
     agent: AgentAccount,
     monkeypatch: pytest.MonkeyPatch,
+    workdir: Path,
 ) -> asyncio.Task[None]:
+    monkeypatch.chdir(workdir)  # where an example keeps its state file
     monkeypatch.setenv("PRLL_API_URL", server.url)
     monkeypatch.setenv("PRLL_API_KEY", agent.api_key)
     monkeypatch.setenv("PRLL_ORG_ID", server.org_id)
@@ -41,14 +43,25 @@ async def run_example(
     return asyncio.get_running_loop().create_task(module.main())
 
 
+def test_the_readme_shows_the_echo_host_as_it_is() -> None:
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    block = readme.split("This is `examples/echo_host.py`:\n\n```python\n", 1)[1]
+    shown = block.split("```", 1)[0]
+    source = (EXAMPLES / "echo_host.py").read_text()
+    assert source.endswith(shown)
+
+
 @pytest.mark.asyncio
 async def test_echo_host_replies_and_stops_on_sigint(
-    server: FakeParallServer, agent: AgentAccount, monkeypatch: pytest.MonkeyPatch
+    server: FakeParallServer,
+    agent: AgentAccount,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     ada = server.add_user("Ada")
     chat = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     module = load("echo_host")
-    task = await run_example(module, server, agent, monkeypatch)
+    task = await run_example(module, server, agent, monkeypatch, tmp_path)
     server.post_message(chat.id, ada.id, "ping")
     await server.wait_for(
         lambda: any(m.sender_id == agent.user_id for m in server.messages(chat.id)), timeout=10
@@ -61,16 +74,20 @@ async def test_echo_host_replies_and_stops_on_sigint(
     assert library_tasks() == set()
     steps = [s.step_type for s in server.steps(agent.user_id)]
     assert steps == [StepType.INPUT, StepType.THINKING, StepType.TEXT]
+    assert (tmp_path / "echo_host.db").is_file()  # its state, for the next start
 
 
 @pytest.mark.asyncio
 async def test_streaming_host_records_the_stream_as_steps(
-    server: FakeParallServer, agent: AgentAccount, monkeypatch: pytest.MonkeyPatch
+    server: FakeParallServer,
+    agent: AgentAccount,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     ada = server.add_user("Ada")
     chat = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     module = load("streaming_host")
-    task = await run_example(module, server, agent, monkeypatch)
+    task = await run_example(module, server, agent, monkeypatch, tmp_path)
     server.post_message(chat.id, ada.id, "weather?")
     await server.wait_for(lambda: len(server.steps(agent.user_id)) == 5, timeout=10)
     task.cancel()

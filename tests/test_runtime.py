@@ -3,6 +3,7 @@ retry-safe sends), ``EventStreamRuntime`` and the ``AgentRuntime`` defaults."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +17,10 @@ from parall_bridge.events import (
     ForkResult,
     ParallEvent,
     build_fork_result_prefix,
+    turn_id_of,
 )
+from parall_bridge.gateway.ledger import TurnEntry
+from parall_bridge.gateway.turns import TurnRun
 from parall_bridge.models import Task, TaskStatus
 from parall_bridge.runtime import (
     AgentRuntime,
@@ -63,7 +67,7 @@ def message(
     )
 
 
-def task_event() -> ParallEvent:
+def task_event(updated_at: datetime = T0) -> ParallEvent:
     return ParallEvent.task(
         Task(
             id="tsk_1",
@@ -72,7 +76,7 @@ def task_event() -> ParallEvent:
             status=TaskStatus.TODO,
             priority="normal",
             creator_id="usr_boss",
-            updated_at=T0,
+            updated_at=updated_at,
         )
     )
 
@@ -99,6 +103,13 @@ class Recorder:
         return [dict(step.content) for step in self.steps]
 
 
+_RUNS: weakref.WeakKeyDictionary[Turn, TurnRun] = weakref.WeakKeyDictionary()
+
+
+async def _journaled() -> None:
+    return None
+
+
 def make_turn(
     client: ParallClient,
     events: Sequence[ParallEvent] | None = None,
@@ -107,15 +118,30 @@ def make_turn(
     record: Callable[[AgentStep], None] | None = None,
     session: SessionRef = MAIN,
 ) -> Turn:
-    return Turn(
+    """A turn with the gateway's lifecycle behind it (see :func:`finish`)."""
+    events = list(events) if events is not None else [message()]
+    keys = tuple(event.key for event in events)
+    run = TurnRun(
+        TurnEntry(turn_id=turn_id_of(keys), keys=keys, session_key=session.key),
+        record=record if record is not None else Recorder(),
+        journaled=_journaled,
+    )
+    turn = Turn(
         session=session,
-        events=list(events) if events is not None else [message()],
+        events=events,
         prefix=prefix,
         org_id="org_test",
         agent_id="usr_bot",
         client=client,
-        record=record if record is not None else Recorder(),
+        hooks=run,
     )
+    _RUNS[turn] = run
+    return turn
+
+
+def finish(turn: Turn, reply: object) -> None:
+    """End a turn of :func:`make_turn` as the gateway does once ``run_turn`` returned."""
+    _RUNS[turn].finish(turn, reply)
 
 
 @pytest.fixture
@@ -395,14 +421,14 @@ def test_recorder_methods_never_raise(dummy_client: ParallClient) -> None:
     turn.text("t")  # raises inside
     turn.tool_call("c1", "n", {"a": 1})  # kept
     turn.tool_result("c1", output=1)  # raises inside
-    turn._finish("reply")  # text already recorded: nothing
+    finish(turn, "reply")  # text already recorded: nothing
     assert flaky.calls == 5
     assert [str(step.step_type) for step in flaky.kept] == ["thinking", "tool_call"]
     assert turn.ended
 
 
 def test_recorder_is_a_no_op_after_the_turn_ended(turn: Turn, recorder: Recorder) -> None:
-    turn._finish(None)
+    finish(turn, None)
     assert turn.ended
     key = turn.group_key
     turn.new_response()
@@ -412,14 +438,14 @@ def test_recorder_is_a_no_op_after_the_turn_ended(turn: Turn, recorder: Recorder
     turn.text("late")
     turn.tool_call("c", "n")
     turn.tool_result("c", output=1)
-    turn._finish("late reply")
+    finish(turn, "late reply")
     assert recorder.steps == []
     assert turn.group_key == key
 
 
 def test_finish_records_the_reply_when_no_text_was_recorded(turn: Turn, recorder: Recorder) -> None:
     turn.reasoning("pending")
-    turn._finish("the answer")
+    finish(turn, "the answer")
     assert recorder.kinds() == ["thinking", "text"]
     assert recorder.contents() == [
         {"text": "pending"},
@@ -429,12 +455,12 @@ def test_finish_records_the_reply_when_no_text_was_recorded(turn: Turn, recorder
 
 def test_finish_does_not_repeat_text_already_recorded(turn: Turn, recorder: Recorder) -> None:
     turn.text("the answer")
-    turn._finish("the answer")
+    finish(turn, "the answer")
     assert recorder.kinds() == ["text"]
 
 
 def test_finish_without_a_reply_records_nothing(turn: Turn, recorder: Recorder) -> None:
-    turn._finish(None)
+    finish(turn, None)
     assert recorder.steps == []
 
 
@@ -472,9 +498,12 @@ async def test_send_message_is_retry_safe(
         )
 
     first = new_turn()
+    turn_id = turn_id_of([posted.id])
+    assert first.turn_id == turn_id
+    prefix = f"pb:{agent.user_id}:{turn_id}"
     one = await first.send_message("one")
     two = await first.send_message("two", no_reply=True)
-    assert sent_keys(server) == [f"pb:{posted.id}:1", f"pb:{posted.id}:2"]
+    assert sent_keys(server) == [f"{prefix}:1", f"{prefix}:2"]
     assert [m.id for m in server.messages(chat.id)] == [posted.id, one.id, two.id]
     assert one.chat_id == chat.id
     assert one.sender_id == agent.user_id
@@ -484,13 +513,13 @@ async def test_send_message_is_retry_safe(
     again = new_turn()
     assert (await again.send_message("one")).id == one.id
     assert (await again.send_message("two", no_reply=True)).id == two.id
-    assert sent_keys(server)[2:] == [f"pb:{posted.id}:1", f"pb:{posted.id}:2"]
+    assert sent_keys(server)[2:] == [f"{prefix}:1", f"{prefix}:2"]
     assert [m.id for m in server.messages(chat.id)] == [posted.id, one.id, two.id]
 
     # A third send is new.
     three = await again.send_message("three")
     assert three.id not in (one.id, two.id)
-    assert sent_keys(server)[-1] == f"pb:{posted.id}:3"
+    assert sent_keys(server)[-1] == f"{prefix}:3"
     assert len(server.messages(chat.id)) == 4
 
 
@@ -517,7 +546,7 @@ async def test_send_message_to_another_chat(
     assert sent.chat_id == other.id
     assert [m.id for m in server.messages(other.id)] == [sent.id]
     assert server.messages(chat.id) == []
-    assert sent_keys(server) == ["pb:msg_x:1"]
+    assert sent_keys(server) == [f"pb:{agent.user_id}:{turn_id_of(['msg_x'])}:1"]
 
 
 @pytest.mark.asyncio
@@ -541,7 +570,64 @@ async def test_task_turn_needs_a_chat_id(
     assert sent_keys(server) == []
     sent = await turn.send_message("done", chat_id=chat.id)
     assert sent.chat_id == chat.id
-    assert sent_keys(server) == [f"pb:{event.key}:1"]
+    assert sent_keys(server) == [f"pb:{agent.user_id}:{turn_id_of([event.key])}:1"]
+
+
+def test_turn_id_derives_from_the_events_in_order(dummy_client: ParallClient) -> None:
+    """DESIGN.md section 8: a turn's id is derived from its ordered sources, so the same
+    events give the same id (and the same reply keys) in any process."""
+    a, b = message(message_id="msg_a"), message(message_id="msg_b")
+    turn = make_turn(dummy_client, [a, b])
+    assert turn.turn_id == turn_id_of(["msg_a", "msg_b"])
+    assert make_turn(dummy_client, [a, b]).turn_id == turn.turn_id
+    assert make_turn(dummy_client, [b, a]).turn_id != turn.turn_id
+    assert make_turn(dummy_client, [b]).turn_id != turn.turn_id
+    given = Turn(
+        session=MAIN,
+        events=[a],
+        prefix="",
+        org_id="org_test",
+        agent_id="usr_bot",
+        client=dummy_client,
+        record=Recorder(),
+        turn_id="s0123",
+    )
+    assert given.turn_id == "s0123"
+
+
+def test_a_task_assigned_again_makes_a_new_turn_id(dummy_client: ParallClient) -> None:
+    first = task_event(T0)
+    again = task_event(datetime(2026, 11, 24, 11, tzinfo=UTC))
+    assert make_turn(dummy_client, [first]).turn_id != make_turn(dummy_client, [again]).turn_id
+
+
+@pytest.mark.asyncio
+async def test_two_agents_answering_one_message_keep_their_replies_apart(
+    server: FakeParallServer, client: ParallClient
+) -> None:
+    """PROTOCOL.md scopes idempotency keys to the org: two agents replying to one group
+    message must not share a key, or the second reply is silently dropped."""
+    ada = server.add_user("Ada")
+    bots = [server.add_agent("Bot one"), server.add_agent("Bot two")]
+    chat = server.add_chat(type="group", members=[ada.id, *(b.user_id for b in bots)])
+    posted = server.post_message(chat.id, ada.id, "@both hello")
+    event = ParallEvent.message(
+        chat_id=chat.id, message_id=posted.id, sender_id=ada.id, sender_name="Ada", text="hi"
+    )
+    for bot in bots:
+        async with ParallClient(server.url, bot.api_key) as own:
+            turn = Turn(
+                session=MAIN,
+                events=[event],
+                prefix="",
+                org_id=server.org_id,
+                agent_id=bot.user_id,
+                client=own,
+                record=Recorder(),
+            )
+            await turn.send_message(f"reply from {bot.user.display_name}")
+    replies = [m for m in server.messages(chat.id) if m.id != posted.id]
+    assert sorted(m.sender_id for m in replies) == sorted(b.user_id for b in bots)
 
 
 # --- EventStreamRuntime ---------------------------------------------------------------------------
@@ -609,7 +695,7 @@ async def test_event_stream_is_drained_into_the_recorder_in_order(
     assert keys[0] == keys[1] == keys[2]
     assert keys[3] == keys[4] == keys[5] == keys[6] == keys[7]
     assert keys[0] != keys[3]
-    turn._finish(reply)
+    finish(turn, reply)
     assert len(recorder.steps) == 8
 
 
@@ -618,7 +704,7 @@ async def test_event_stream_without_text_returns_none(turn: Turn, recorder: Reco
     reply = await Scripted([ReasoningDelta("hmm")]).run_turn(turn)
     assert reply is None
     assert recorder.steps == []  # the block is still open
-    turn._finish(reply)
+    finish(turn, reply)
     assert recorder.contents() == [{"text": "hmm"}]
 
 

@@ -19,6 +19,7 @@ ENV_API_KEY: Final = "PRLL_API_KEY"
 ENV_ORG_ID: Final = "PRLL_ORG_ID"
 ENV_WS_URL: Final = "PRLL_WS_URL"
 ENV_AGENT_ID: Final = "PRLL_AGENT_ID"
+ENV_STATE_PATH: Final = "PRLL_STATE_PATH"
 
 
 def _parse_url(name: str, value: object, schemes: tuple[str, ...], what: str) -> None:
@@ -89,6 +90,15 @@ def _count(minimum: int) -> Any:
     return check
 
 
+def _optional_path(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigurationError(f"{attribute.name} must be a non-empty path or None")
+
+
+def _path_text(value: object) -> object:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 def _redacted(_: object) -> str:
     return "'***'"
 
@@ -120,6 +130,10 @@ class GatewayConfig:
         max_forks: the fork cap of the default routing strategy.
         ack_dead_letters: ack dead-lettered events (so the platform stops
             redelivering them); ``False`` leaves them pending.
+        state_path: a SQLite file that keeps what must survive a restart
+            (``PRLL_STATE_PATH``): the turn journal, retries, acks owed, ``last_seq``.
+            ``None`` keeps it in memory (a restart forgets it). A ``store`` given to
+            the :class:`~parall_bridge.Gateway` wins over it.
     """
 
     parall_url: str = attrs.field(validator=_http_url)
@@ -140,6 +154,9 @@ class GatewayConfig:
     turn_timeout: float = attrs.field(default=600.0, kw_only=True, validator=_positive_duration)
     max_forks: int = attrs.field(default=4, kw_only=True, validator=_count(0))
     ack_dead_letters: bool = attrs.field(default=True, kw_only=True, validator=_flag)
+    state_path: str | None = attrs.field(
+        default=None, kw_only=True, converter=_path_text, validator=_optional_path
+    )
 
     @property
     def main_session_key(self) -> str:
@@ -149,7 +166,7 @@ class GatewayConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Self:
         """Build a config from ``PRLL_API_URL``, ``PRLL_API_KEY``, ``PRLL_ORG_ID`` and the
-        optional ``PRLL_WS_URL`` and ``PRLL_AGENT_ID``.
+        optional ``PRLL_WS_URL``, ``PRLL_AGENT_ID`` and ``PRLL_STATE_PATH``.
 
         Args:
             env: the variables to read (``os.environ`` by default; never changed).
@@ -166,6 +183,7 @@ class GatewayConfig:
             "org_id": ENV_ORG_ID,
             "ws_url": ENV_WS_URL,
             "agent_id": ENV_AGENT_ID,
+            "state_path": ENV_STATE_PATH,
         }
         required = ("parall_url", "api_key", "org_id")
         values: dict[str, Any] = {}

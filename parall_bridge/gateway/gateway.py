@@ -5,11 +5,15 @@ A host does::
     gateway = Gateway(GatewayConfig.from_env(), MyRuntime())
     await gateway.start(abort_event)   # runs until abort_event is set
 
-Start-up: authenticate (``get_me``), create the agent session, apply the
-platform config, then connect the WebSocket (retried with backoff) while
-reconciliation runs from the start. Every inbound frame goes through one
-intake queue, in arrival order; catch-up and retries run in the reconciler.
-Shutdown is graceful (DESIGN.md section 3, "Shutdown").
+Start-up: open the state store, authenticate (``get_me``), load what the store
+kept of a previous run into the ledger, mark that run's agent session
+completed if it crashed, create this run's session, apply the platform
+config; then, before anything new is dispatched, ack what the previous run
+completed but did not ack and run its interrupted turns again; then connect
+the WebSocket (retried with backoff, resumed from the stored ``last_seq``)
+while reconciliation runs from the start. An event's path reads one way:
+frame, intake, ledger, lane, turn, ledger, acks. Shutdown is graceful
+(DESIGN.md section 3, "Shutdown").
 """
 
 from __future__ import annotations
@@ -27,17 +31,31 @@ import attrs
 
 from .._tasks import TaskSet
 from ..client import ParallClient
-from ..errors import ConfigurationError
-from ..models import AgentSession, User, UserType
+from ..errors import ConfigurationError, ParallError, StateStoreError
+from ..models import (
+    AgentSession,
+    AgentSessionStatus,
+    AgentStep,
+    StepType,
+    TargetType,
+    User,
+    UserType,
+)
 from ..routing import DefaultRoutingStrategy, RoutingStrategy
-from ..runtime import AgentRuntime, GatewayInfo, SessionRef
+from ..runtime import AgentRuntime, GatewayInfo, SessionRef, step_target
+from ..state import MemoryStateStore, SqliteStateStore, StateStore, StoreIdentity, StoreMeta
 from ..ws import Backoff, ConnectionState, ParallWs, decode_payload, ws_url_from_base
 from .config import GatewayConfig
-from .engine import TRANSIENT_ERRORS, Engine, sleep_or_stop
-from .lanes import Lanes
-from .ledger import Ledger
+from .config_sync import ConfigSync
+from .intake import Intake
+from .lanes import Board, Lanes
+from .ledger import Ledger, Restored
+from .persist import Persister
 from .presence import Presence
+from .reconciler import Reconciler
 from .sources import ChatCache, Sources
+from .supervisor import TRANSIENT_ERRORS, Supervisor, sleep_or_stop
+from .turns import Turns
 from .writer import PlatformWriter
 
 __all__ = ["Gateway", "GatewayStats"]
@@ -48,6 +66,8 @@ T = TypeVar("T")
 
 RUNTIME_TYPE: Final = "parall_bridge"
 """The ``runtime_type`` of the agent session the gateway creates."""
+INTERRUPTED_RUN: Final = "this run was interrupted (the process stopped); a new run took over"
+"""The error step written into a crashed run's agent session."""
 
 
 @attrs.frozen
@@ -56,16 +76,22 @@ class GatewayStats:
 
     Attributes:
         ledger: how many events are in each state (claimed, queued, running,
-            done, failed, dead).
+            done, acked, failed, dead).
         queued: events waiting in a queue (main and forks).
         main_busy: the main session has work.
         forks_open: forks open now.
         active_turns: turns running now.
-        dead_letters: events dead-lettered since start.
+        dead_letters: events dead-lettered since start (the ledger's count).
         turns_started, turns_succeeded, turns_failed, turns_cancelled: turn counters.
         acks_sent, acks_failed: ack requests.
         steps_written, steps_failed: platform writes (steps and status changes).
         connection: the WebSocket state.
+        cold_start_skipped: dispatch items settled without a turn by the cold-start
+            rule (``cold_start_window``).
+        journaled_turns: turns in the journal (running, interrupted, or pinned for a
+            retry).
+        store: what keeps the state (``memory``, or the SQLite file).
+        store_writes, store_failures: transactions written to the store, and failed.
     """
 
     ledger: Mapping[str, int]
@@ -83,6 +109,11 @@ class GatewayStats:
     steps_written: int
     steps_failed: int
     connection: str
+    cold_start_skipped: int = 0
+    journaled_turns: int = 0
+    store: str = "memory"
+    store_writes: int = 0
+    store_failures: int = 0
 
 
 class Gateway:
@@ -94,6 +125,11 @@ class Gateway:
         routing: the routing strategy (``DefaultRoutingStrategy(config.max_forks)``).
         client: a :class:`ParallClient` to use (the caller keeps ownership);
             by default the gateway makes and closes its own.
+        store: where to keep what must survive a restart; wins over
+            ``config.state_path``. The caller keeps ownership: the gateway opens
+            it if needed and never closes it. By default a
+            :class:`~parall_bridge.SqliteStateStore` on ``config.state_path``, or a
+            :class:`~parall_bridge.MemoryStateStore`, which the gateway closes.
         backoff: retry delays for start-up and for the WebSocket's reconnects.
     """
 
@@ -104,6 +140,7 @@ class Gateway:
         *,
         routing: RoutingStrategy | None = None,
         client: ParallClient | None = None,
+        store: StateStore | None = None,
         backoff: Backoff | None = None,
     ) -> None:
         if not isinstance(runtime, AgentRuntime):
@@ -112,11 +149,21 @@ class Gateway:
             raise TypeError(
                 f"{type(runtime).__name__}.run_turn must be a coroutine function (async def)"
             )
+        if store is not None and not isinstance(store, StateStore):
+            raise TypeError("store must be a StateStore")
         self._config = config
         self._runtime = runtime
         self._routing: RoutingStrategy = routing or DefaultRoutingStrategy(config.max_forks)
         self._client = client
         self._owns_client = client is None
+        self._owns_store = store is None
+        if store is None:
+            store = (
+                SqliteStateStore(config.state_path)
+                if config.state_path is not None
+                else MemoryStateStore()
+            )
+        self._store: StateStore = store
         self._backoff = backoff or Backoff()
         self._clock: Callable[[], float] = time.monotonic
         self._ledger = Ledger(
@@ -132,7 +179,8 @@ class Gateway:
         self._ready_error: BaseException | None = None
         self._agent: User | None = None
         self._session: AgentSession | None = None
-        self._engine: Engine | None = None
+        self._supervisor: Supervisor | None = None
+        self._store_loaded = False
 
     def __repr__(self) -> str:
         return f"Gateway(org_id={self._config.org_id!r}, account_id={self._config.account_id!r})"
@@ -143,6 +191,11 @@ class Gateway:
     def config(self) -> GatewayConfig:
         """The configuration."""
         return self._config
+
+    @property
+    def store(self) -> StateStore:
+        """The state store."""
+        return self._store
 
     @property
     def agent_id(self) -> str | None:
@@ -157,7 +210,7 @@ class Gateway:
     @property
     def ws(self) -> ParallWs | None:
         """The WebSocket client, once started."""
-        return self._engine.ws if self._engine else None
+        return self._supervisor.ws if self._supervisor else None
 
     async def wait_ready(self) -> None:
         """Return once the first connection and the first catch-up pass are done.
@@ -170,15 +223,16 @@ class Gateway:
 
     def stats(self) -> GatewayStats:
         """A snapshot of the ledger, the lanes and the platform writes."""
-        engine = self._engine
-        if engine is None:
+        ledger = self._ledger
+        supervisor = self._supervisor
+        if supervisor is None:
             return GatewayStats(
-                ledger=self._ledger.counts(),
+                ledger=ledger.counts(),
                 queued=0,
                 main_busy=False,
                 forks_open=0,
                 active_turns=0,
-                dead_letters=self._ledger.dead_total,
+                dead_letters=ledger.dead_total,
                 turns_started=0,
                 turns_succeeded=0,
                 turns_failed=0,
@@ -188,24 +242,31 @@ class Gateway:
                 steps_written=0,
                 steps_failed=0,
                 connection=ConnectionState.DISCONNECTED.value,
+                journaled_turns=len(ledger.journal),
+                store=self._store.description,
             )
-        lanes, writer = engine.lanes, engine.writer
+        lanes, turns, writer = supervisor.lanes, supervisor.turns, supervisor.writer
         return GatewayStats(
-            ledger=self._ledger.counts(),
+            ledger=ledger.counts(),
             queued=lanes.queued,
             main_busy=lanes.main.busy,
             forks_open=len(lanes.forks),
-            active_turns=lanes.active_turns,
-            dead_letters=self._ledger.dead_total,
-            turns_started=lanes.stats.turns_started,
-            turns_succeeded=lanes.stats.turns_succeeded,
-            turns_failed=lanes.stats.turns_failed,
-            turns_cancelled=lanes.stats.turns_cancelled,
+            active_turns=turns.active,
+            dead_letters=ledger.dead_total,
+            turns_started=turns.stats.turns_started,
+            turns_succeeded=turns.stats.turns_succeeded,
+            turns_failed=turns.stats.turns_failed,
+            turns_cancelled=turns.stats.turns_cancelled,
             acks_sent=writer.stats.acks_sent,
             acks_failed=writer.stats.acks_failed,
             steps_written=writer.stats.steps_written + writer.stats.statuses_written,
             steps_failed=writer.stats.steps_failed,
-            connection=engine.ws.state.value,
+            connection=supervisor.ws.state.value,
+            cold_start_skipped=supervisor.reconciler.cold_start_skipped,
+            journaled_turns=len(ledger.journal),
+            store=self._store.description,
+            store_writes=supervisor.persister.writes,
+            store_failures=supervisor.persister.failures,
         )
 
     async def feed(self, frame_type: str, payload: Any) -> bool:
@@ -220,9 +281,10 @@ class Gateway:
         Raises:
             RuntimeError: the gateway is not running.
         """
-        if self._engine is None or self._engine.stopping:
+        supervisor = self._supervisor
+        if supervisor is None or supervisor.stopping:
             raise RuntimeError("the gateway is not running")
-        return await self._engine.feed(frame_type, decode_payload(frame_type, payload))
+        return await supervisor.intake.feed(frame_type, decode_payload(frame_type, payload))
 
     async def start(self, abort_event: asyncio.Event) -> None:
         """Run the gateway until ``abort_event`` is set, then shut down gracefully.
@@ -230,6 +292,8 @@ class Gateway:
         Raises:
             AuthenticationError: the API key was refused (at once, not retried).
             ConfigurationError: ``agent_id`` does not match the key's user.
+            StateStoreError: the state store is held by another gateway, belongs to
+                another agent, or cannot be read (before anything is dispatched).
             WebSocketClosedError: the platform closed the connection for good
                 (4003), after a clean shutdown.
         """
@@ -239,25 +303,28 @@ class Gateway:
         watchers = TaskSet(_log)
         watchers.spawn(self._watch_abort(abort_event), name="parall-gateway-abort")
         try:
-            engine = await self._boot()
-            if engine is not None:
-                engine.run()
+            supervisor = await self._boot()
+            if supervisor is not None:
+                supervisor.run()
                 await self._stop.wait()
         except BaseException as exc:
             self._set_ready(exc)
             raise
         finally:
             try:
-                if self._engine is not None:
-                    await self._engine.shutdown()
+                if self._supervisor is not None:
+                    await self._supervisor.shutdown()
                 if self._client is not None and self._owns_client:
                     await self._client.close()
             finally:
-                await watchers.cancel()
-                self._set_ready(
-                    self._fatal or RuntimeError("the gateway stopped before it was ready")
-                )
-                _log.info("gateway stopped")
+                try:
+                    await self._close_store()
+                finally:
+                    await watchers.cancel()
+                    self._set_ready(
+                        self._fatal or RuntimeError("the gateway stopped before it was ready")
+                    )
+                    _log.info("gateway stopped")
         if self._fatal is not None:
             raise self._fatal
 
@@ -278,6 +345,13 @@ class Gateway:
             self._ready_error = error
             self._ready.set()
 
+    async def _close_store(self) -> None:
+        if self._store_loaded:
+            self._store_loaded = False
+            await self._store.release()
+        if self._owns_store:
+            await self._store.close()
+
     async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T | None:
         """Call until it succeeds; transient platform errors are retried with backoff.
         Returns ``None`` when a stop is requested first."""
@@ -292,10 +366,16 @@ class Gateway:
                 if await sleep_or_stop(self._stop, delay):
                     return None
 
-    async def _boot(self) -> Engine | None:
-        """Authenticate, create the agent session, build the engine (``None`` when a stop
-        was requested first)."""
+    async def _boot(self) -> Supervisor | None:
+        """Open the store, authenticate, restore the ledger, create the agent session,
+        build the parts and replay what the previous run left (``None`` when a stop was
+        requested first)."""
         config = self._config
+        store = self._store
+        try:
+            await store.open()  # fails fast when another gateway holds the file
+        except StateStoreError as exc:
+            raise StateStoreError(f"{exc} (account {config.account_id!r})") from exc
         if self._client is None:
             self._client = ParallClient(config.parall_url, config.api_key)
         client = self._client
@@ -310,6 +390,21 @@ class Gateway:
         _log.info("authenticated as %s (%s)", me.display_name or me.id, me.id)
         if me.type != UserType.AGENT:
             _log.warning("the API key belongs to a %s user, not an agent", me.type)
+        stored = await store.load(
+            StoreIdentity(config.parall_url, config.org_id, me.id, config.account_id)
+        )
+        self._store_loaded = True
+        restored = Restored()
+        if not stored.empty:
+            restored = self._ledger.restore(stored, now=self._clock(), wall=time.time())
+            _log.info(
+                "state store %s: %d record(s), %d journaled turn(s) from the previous run",
+                store.description,
+                len(self._ledger),
+                len(self._ledger.journal),
+            )
+        if stored.meta.session_id is not None:
+            await self._end_previous_session(client, me.id, stored.meta.session_id)
         session = await self._retrying(
             lambda: client.create_agent_session(
                 config.org_id,
@@ -324,63 +419,8 @@ class Gateway:
             return None
         self._session = session
         _log.info("agent session %s", session.id)
-        writer = PlatformWriter(client, config.org_id, me.id)
-        writer.start(session.id)
-        ws = ParallWs(
-            client.get_ws_ticket,
-            config.ws_url or ws_url_from_base(config.parall_url),
-            backoff=self._backoff,
-        )
-        presence = Presence(
-            ws, typing_refresh=config.typing_refresh, drift_warning=config.heartbeat_drift_warning
-        )
-        chats = ChatCache(client, config.org_id)
-        wake = asyncio.Event()  # pokes the reconciler when a failed turn sets a retry time
-        lanes = Lanes(
-            runtime=self._runtime,
-            strategy=self._routing,
-            ledger=self._ledger,
-            writer=writer,
-            presence=presence,
-            client=client,
-            org_id=config.org_id,
-            agent_id=me.id,
-            main_session=SessionRef(config.main_session_key),
-            max_forks=config.max_forks,
-            turn_timeout=config.turn_timeout,
-            on_failure=wake.set,
-            clock=self._clock,
-        )
-        sources = Sources(
-            client=client,
-            org_id=config.org_id,
-            agent_id=me.id,
-            ledger=self._ledger,
-            lanes=lanes,
-            writer=writer,
-            chats=chats,
-            clock=self._clock,
-        )
-        engine = Engine(
-            config=config,
-            runtime=self._runtime,
-            client=client,
-            agent_id=me.id,
-            ledger=self._ledger,
-            writer=writer,
-            ws=ws,
-            presence=presence,
-            lanes=lanes,
-            chats=chats,
-            sources=sources,
-            backoff=self._backoff,
-            clock=self._clock,
-            stop=self._request_stop,
-            stop_event=self._stop,
-            wake=wake,
-            ready=self._set_ready,
-        )
-        self._engine = engine  # shut down by start() from here on, whatever happens next
+        supervisor = self._build(client, me.id, session.id, stored.meta)
+        self._supervisor = supervisor  # shut down by start() from here on, whatever happens
         await self._runtime.on_start(
             GatewayInfo(
                 agent_id=me.id,
@@ -389,5 +429,169 @@ class Gateway:
                 session_id=session.id,
             )
         )
-        await engine.apply_config()
-        return engine
+        await supervisor.config.apply()
+        if restored.resume or restored.dead:
+            # The attempts a crash counted are on disk before the turn runs again: a turn
+            # that kills its process at once is still dead-lettered in the end.
+            await supervisor.persister.flush_once()
+        self._replay(supervisor, restored)
+        return supervisor
+
+    def _build(
+        self, client: ParallClient, agent_id: str, session_id: str, meta: StoreMeta
+    ) -> Supervisor:
+        """Make the parts of a running gateway, wired one way: intake, sources, ledger,
+        lanes, turns, writer."""
+        config = self._config
+        ledger = self._ledger
+        persister = Persister(self._store, ledger, meta, clock=self._clock)
+        persister.set_session(session_id)
+        persister.start()
+        writer = PlatformWriter(
+            client, config.org_id, agent_id, ledger=ledger, durable=persister.durable
+        )
+        writer.start(session_id)
+        ws = ParallWs(
+            client.get_ws_ticket,
+            config.ws_url or ws_url_from_base(config.parall_url),
+            backoff=self._backoff,
+            last_seq=meta.last_seq,
+        )
+        presence = Presence(
+            ws, typing_refresh=config.typing_refresh, drift_warning=config.heartbeat_drift_warning
+        )
+        retry_wake = asyncio.Event()  # a failed turn set a retry time: the reconciler looks
+        turns = Turns(
+            runtime=self._runtime,
+            ledger=ledger,
+            writer=writer,
+            persister=persister,
+            presence=presence,
+            client=client,
+            org_id=config.org_id,
+            agent_id=agent_id,
+            turn_timeout=config.turn_timeout,
+            on_retry=retry_wake.set,
+            clock=self._clock,
+        )
+        board = Board(ledger, self._routing, SessionRef(config.main_session_key), config.max_forks)
+        lanes = Lanes(board=board, turns=turns, runtime=self._runtime)
+        chats = ChatCache(client, config.org_id)
+        sources = Sources(
+            client=client,
+            org_id=config.org_id,
+            agent_id=agent_id,
+            ledger=ledger,
+            lanes=lanes,
+            writer=writer,
+            chats=chats,
+            clock=self._clock,
+        )
+        reconciler = Reconciler(
+            client=client,
+            org_id=config.org_id,
+            sources=sources,
+            next_retry_at=ledger.next_retry_at,
+            interval=config.reconcile_interval,
+            cold_start_window=config.cold_start_window,
+            previous_heard=meta.last_heard_at,
+            clock=self._clock,
+            heard=persister.heard,
+            ready=self._set_ready,
+            wake=retry_wake,
+        )
+        platform_config = ConfigSync(client, config.org_id, agent_id, self._runtime)
+
+        def heard() -> None:
+            persister.heard()
+            persister.set_last_seq(ws.last_seq)
+
+        intake = Intake(
+            ws=ws,
+            sources=sources,
+            chats=chats,
+            presence=presence,
+            reconciler=reconciler,
+            config=platform_config,
+            heard=heard,
+        )
+        return Supervisor(
+            runtime=self._runtime,
+            config=platform_config,
+            ws=ws,
+            intake=intake,
+            reconciler=reconciler,
+            lanes=lanes,
+            turns=turns,
+            ledger=ledger,
+            presence=presence,
+            writer=writer,
+            persister=persister,
+            backoff=self._backoff,
+            shutdown_grace=config.shutdown_grace,
+            clock=self._clock,
+            stop=self._request_stop,
+            stop_event=self._stop,
+        )
+
+    def _replay(self, supervisor: Supervisor, restored: Restored) -> None:
+        """Before anything new: ack what the previous run completed but did not ack,
+        dead-letter what crashed it too often, run its interrupted turns again."""
+        for plan in restored.acks:
+            supervisor.writer.ack(plan)
+        for events, error in restored.dead:
+            supervisor.turns.dead_letter(
+                events, RuntimeError(error), self._config.max_dispatch_attempts
+            )
+            target_type, target_id = step_target(events[-1])
+            supervisor.writer.step(
+                AgentStep(
+                    step_type=StepType.ERROR,
+                    target_type=target_type,
+                    target_id=target_id,
+                    content={"message": error, "attempts": self._config.max_dispatch_attempts},
+                )
+            )
+        for entry in restored.resume:
+            _log.info(
+                "running turn %s again first (%d event(s)): the previous run %s",
+                entry.turn_id,
+                len(entry.keys),
+                "was interrupted during it",
+            )
+            supervisor.lanes.resume(entry)
+        if restored.acks or restored.resume or restored.dead:
+            _log.info(
+                "restart: %d ack(s) owed, %d turn(s) run again, %d group(s) dead-lettered",
+                len(restored.acks),
+                len(restored.resume),
+                len(restored.dead),
+            )
+
+    async def _end_previous_session(
+        self, client: ParallClient, agent_id: str, session_id: str
+    ) -> None:
+        """The previous run crashed with its session open: mark it completed, with an
+        error step saying why, so the platform does not show it active forever."""
+        org_id = self._config.org_id
+        try:
+            await client.create_agent_step(
+                org_id,
+                agent_id,
+                session_id,
+                AgentStep(
+                    step_type=StepType.ERROR,
+                    target_type=TargetType.NONE,
+                    content={"message": INTERRUPTED_RUN},
+                ),
+            )
+            await client.update_agent_session(
+                org_id, agent_id, session_id, status=AgentSessionStatus.COMPLETED
+            )
+            _log.info("previous run's agent session %s marked completed", session_id)
+        except ParallError as exc:
+            _log.warning(
+                "could not mark the previous run's agent session %s completed: %s",
+                session_id,
+                str(exc),
+            )

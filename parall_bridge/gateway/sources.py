@@ -1,10 +1,12 @@
 """Where events come from: live frames, ``dispatch.new``, and catch-up items.
 
 Each path turns a platform object into a :class:`ParallEvent`, claims it in the
-ledger (so no other path dispatches it too), and submits it to the lanes. The
-live path applies the group routing filters of DESIGN.md section 3; items from
-the dispatch queue were routed to the agent by the platform and are handled as
-they are.
+ledger (so no other path dispatches it too), hands the event to the ledger and
+its key to the lanes. The live path applies the group routing filters of
+DESIGN.md section 3; items from the dispatch queue were routed to the agent by
+the platform and are handled as they are. What needs no turn (deleted, sent by
+the agent, nothing to read) is settled by the ledger, whose ack plan goes to
+the writer: nothing here acks on its own.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..models import (
     TextContent,
 )
 from .lanes import Lanes
-from .ledger import Claim, Ledger, Record, Verdict, WorkState
+from .ledger import Claim, Ledger, Record, Verdict
 from .writer import PlatformWriter
 
 __all__ = ["ChatCache", "ItemOutcome", "Sources"]
@@ -131,9 +133,6 @@ class Sources:
         self._writer = writer
         self._chats = chats
         self._clock = clock
-        # Live messages that arrived while a dispatch item of theirs was being fetched
-        # (at most one per claim in flight: popped when that claim ends).
-        self._parked: dict[str, Message] = {}
 
     def _claim(
         self,
@@ -162,11 +161,9 @@ class Sources:
             return False
         claim = self._claim(message.id, SourceType.MESSAGE, message.id, EventOrigin.LIVE)
         if not claim.claimed:
-            record = claim.record
-            if record is not None and record.state is WorkState.CLAIMED and record.event is None:
-                # A dispatch item of it is being fetched: keep the message in hand, in
-                # case that fetch fails (then it is routed from here, see _message_item).
-                self._parked[message.id] = message
+            # When a dispatch item of it is being fetched, the ledger keeps the message in
+            # hand, in case that fetch fails (then it is routed from here: _message_item).
+            self._ledger.hold(message.id, message)
             _log.debug("message %s already claimed (%s)", message.id, claim.verdict.value)
             return False
         try:
@@ -175,7 +172,6 @@ class Sources:
             # Whatever stopped it short of a lane (a filter, an error, a cancellation),
             # the claim must not outlive it; once queued this is a no-op.
             self._ledger.release(message.id)
-            self._parked.pop(message.id, None)
 
     async def _route_live(self, message: Message) -> bool:
         try:
@@ -192,8 +188,12 @@ class Sources:
         event = await self._message_event(message, chat, EventOrigin.LIVE, None)
         if event is None:
             return False
-        self._lanes.submit(event)
-        return True
+        return self._submit(event)
+
+    def _submit(self, event: ParallEvent) -> bool:
+        """Hand a claimed event to the ledger and its key to the lanes."""
+        self._ledger.offer(event.key, event)
+        return self._lanes.submit((event.key,)) is not None
 
     def _handled_live(self, message: Message, chat: Chat) -> bool:
         """The group routing filters: passive and smart groups only take @mentions of
@@ -214,8 +214,7 @@ class Sources:
         if not claim.claimed:
             _log.info("skipping already-dispatched task %s", task.identifier or task.id)
             return False
-        self._lanes.submit(event)
-        return True
+        return self._submit(event)
 
     # --- dispatch items (dispatch.new and catch-up) ----------------------------------------
 
@@ -223,9 +222,16 @@ class Sources:
         self, item: DispatchItem, origin: EventOrigin, cutoff: datetime | None = None
     ) -> ItemOutcome:
         """Handle one pending dispatch item: dispatch its source at once unless the
-        ledger knows it (in flight: the row is attached; done: acked by id)."""
-        if cutoff is not None and item.created_at is not None and item.created_at < cutoff:
-            self._writer.ack_id(item.id)
+        ledger knows it (in flight: the row is attached; done: acked by id). An item
+        created before ``cutoff`` whose source the ledger does not know is settled
+        without a turn (the cold-start rule)."""
+        if (
+            cutoff is not None
+            and item.created_at is not None
+            and item.created_at < cutoff
+            and self._ledger.by_source(item.source_type or "", item.source_id or "") is None
+        ):
+            self._writer.ack(self._ledger.ack_row(item.id))
             return ItemOutcome.SKIPPED_OLD
         if item.event_type == DispatchEventType.TASK_ASSIGN or (
             item.source_type == SourceType.TASK_ACTIVITY
@@ -238,7 +244,7 @@ class Sources:
 
     def _settle_unclaimed(self, verdict: Verdict, item: DispatchItem) -> ItemOutcome:
         if verdict is Verdict.DONE or (verdict is Verdict.DEAD and self._ledger.ack_dead):
-            self._writer.ack_id(item.id)
+            self._writer.ack(self._ledger.ack_row(item.id))
             return ItemOutcome.ACKED
         if verdict is Verdict.DEAD:
             return ItemOutcome.LEFT_PENDING
@@ -254,8 +260,7 @@ class Sources:
         try:
             outcome = await self._dispatch_message_item(item, message_id, origin, claim.record)
         finally:
-            self._ledger.release(message_id)  # a no-op once queued (see on_message)
-            parked = self._parked.pop(message_id, None)
+            parked = self._ledger.release(message_id)  # a no-op once queued or settled
         if parked is not None and outcome is ItemOutcome.LEFT_PENDING:
             # The message arrived live while its fetch failed: it is in hand, so it is
             # routed now rather than at the next reconcile pass.
@@ -268,20 +273,18 @@ class Sources:
     ) -> ItemOutcome:
         if record is not None and record.event is not None:
             # A failed event due for retry: the stored event is dispatched again.
-            self._lanes.submit(record.event)
+            self._lanes.submit((record.key,))
             return ItemOutcome.DISPATCHED
         try:
             message = await self._client.get_message(message_id)
         except NotFoundError:
             _log.info("message %s is gone: acking its dispatch item", message_id)
-            self._writer.ack_id(item.id)
-            return ItemOutcome.ACKED
+            return self._dismiss(item, message_id, origin)
         except ParallError as exc:
             _log.warning("cannot fetch message %s, leaving it pending: %s", message_id, str(exc))
             return ItemOutcome.LEFT_PENDING
         if message.sender_id == self._agent_id:
-            self._writer.ack_id(item.id)
-            return ItemOutcome.ACKED
+            return self._dismiss(item, message_id, origin)
         try:
             chat = await self._chats.get(item.chat_id or message.chat_id)
         except ParallError as exc:
@@ -289,10 +292,22 @@ class Sources:
             return ItemOutcome.LEFT_PENDING
         event = await self._message_event(message, chat, origin, item.id)
         if event is None:
-            self._writer.ack_id(item.id)
-            return ItemOutcome.ACKED
-        self._lanes.submit(event)
+            return self._dismiss(item, message_id, origin)
+        self._submit(event)
         return ItemOutcome.DISPATCHED
+
+    def _dismiss(self, item: DispatchItem, message_id: str, origin: EventOrigin) -> ItemOutcome:
+        """A claimed message that needs no turn: the ledger settles it (so a later row of
+        it is acked too) and plans the ack of this row."""
+        plan = self._ledger.dismiss(
+            message_id,
+            source_type=SourceType.MESSAGE,
+            source_id=message_id,
+            origin=origin,
+            dispatch_id=item.id,
+        )
+        self._writer.ack(plan)
+        return ItemOutcome.ACKED
 
     async def _task_item(self, item: DispatchItem, origin: EventOrigin) -> ItemOutcome:
         task_id = item.task_id or item.source_id
@@ -304,48 +319,42 @@ class Sources:
             task = await self._client.get_task(self._org_id, task_id)
         except NotFoundError:
             _log.info("task %s is gone: acking its dispatch item", task_id)
-            self._writer.ack_id(item.id)
+            self._writer.ack(self._ledger.ack_row(item.id))
             return ItemOutcome.ACKED
         except ParallError as exc:
             _log.warning("cannot fetch task %s, leaving it pending: %s", task_id, str(exc))
             return ItemOutcome.LEFT_PENDING
         if task.assignee_id != self._agent_id:
             _log.info("skipping stale task dispatch %s: reassigned", item.id)
-            self._writer.ack_id(item.id)
+            self._writer.ack(self._ledger.ack_row(item.id))
             return ItemOutcome.ACKED
         if task.status not in DISPATCHABLE_TASK_STATUSES:
             _log.info("skipping task dispatch %s: the task is %s", item.id, task.status)
-            self._writer.ack_id(item.id)
+            self._writer.ack(self._ledger.ack_row(item.id))
             return ItemOutcome.ACKED
         event = ParallEvent.task(task, origin=origin, dispatch_id=item.id)
         claim = self._claim(event.key, SourceType.TASK_ACTIVITY, task.id, origin, item.id)
         if not claim.claimed:
             return self._settle_unclaimed(claim.verdict, item)
         record = claim.record
-        self._lanes.submit(record.event if record is not None and record.event else event)
+        if record is not None and record.event is not None:
+            self._lanes.submit((record.key,))  # a failed event due for retry
+        else:
+            self._submit(event)
         return ItemOutcome.DISPATCHED
 
     # --- retries -------------------------------------------------------------------------
 
     def retry_due(self) -> int:
-        """Dispatch again every failed event whose retry time has come."""
-        now = self._clock()
+        """Dispatch again every failed event (or pinned turn) whose retry time has come."""
         count = 0
-        for record in self._ledger.due(now):
-            event = record.event
-            if event is None:
-                continue
-            claim = self._ledger.claim(
-                record.key,
-                source_type=record.source_type,
-                source_id=record.source_id,
-                origin=record.origin,
-                now=now,
+        for keys in self._ledger.take_due(self._clock()):
+            record = self._ledger.get(keys[0])
+            _log.info(
+                "retrying %s (attempt %d)", ", ".join(keys), (record.attempts if record else 0) + 1
             )
-            if claim.claimed:
-                _log.info("retrying %s (attempt %d)", record.key, record.attempts + 1)
-                self._lanes.submit(event)
-                count += 1
+            self._lanes.submit(keys)
+            count += 1
         return count
 
     # --- building events -------------------------------------------------------------------

@@ -5,12 +5,17 @@ task, so they reach the platform in the order they were recorded while the
 turn runs without waiting for them. Acks and mark-received calls run as
 tracked background tasks (the client retries them: acks are always safe to
 repeat). Everything is flushed, with a timeout, at shutdown.
+
+The writer sends only the acks the ledger planned (:class:`AckPlan`): each
+waits until the transition that planned it is durable in the state store,
+then goes out, and its success is reported back to the ledger (acked).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import attrs
@@ -19,7 +24,7 @@ from .._tasks import TaskSet
 from ..client import ParallClient
 from ..errors import ParallError
 from ..models import AgentSessionStatus, AgentStep
-from .ledger import AckPlan
+from .ledger import AckPlan, Ledger
 
 __all__ = ["PlatformWriter", "WriterStats"]
 
@@ -53,13 +58,36 @@ class WriterStats:
     dropped: int = 0
 
 
-class PlatformWriter:
-    """The ordered step/status writer and the background acks of one gateway."""
+async def _no_wait(version: int) -> None:
+    return None
 
-    def __init__(self, client: ParallClient, org_id: str, agent_id: str) -> None:
+
+class PlatformWriter:
+    """The ordered step/status writer and the background acks of one gateway.
+
+    Args:
+        client: the REST client.
+        org_id: the organisation.
+        agent_id: the agent's user id.
+        ledger: the ledger whose ack plans it sends (told when they went out).
+        durable: waits until the ledger is durable up to a version (the state
+            store's persister); by default nothing is waited for.
+    """
+
+    def __init__(
+        self,
+        client: ParallClient,
+        org_id: str,
+        agent_id: str,
+        *,
+        ledger: Ledger,
+        durable: Callable[[int], Awaitable[None]] = _no_wait,
+    ) -> None:
         self._client = client
         self._org_id = org_id
         self._agent_id = agent_id
+        self._ledger = ledger
+        self._durable = durable
         self._session_id: str | None = None
         self._queue: asyncio.Queue[_Step | _Status] | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -108,13 +136,10 @@ class PlatformWriter:
         self._queue.put_nowait(item)
 
     def ack(self, plan: AckPlan) -> None:
-        """Send the acks of ``plan`` in the background."""
+        """Send the acks of ``plan`` in the background, once the ledger is durable up to
+        the plan's version; the ledger is told when they went out."""
         if plan:
             self._background.spawn(self._ack(plan), name="parall-gateway-ack")
-
-    def ack_id(self, dispatch_id: str) -> None:
-        """Ack one dispatch item by id in the background."""
-        self.ack(AckPlan(dispatch_ids=(dispatch_id,)))
 
     def mark_received(self, source_type: str, source_id: str) -> None:
         """Tell the platform work on this source started, in the background."""
@@ -162,6 +187,14 @@ class PlatformWriter:
 
     async def _ack(self, plan: AckPlan) -> None:
         try:
+            await self._durable(plan.version)
+        except ParallError as exc:
+            # Not on disk: acking now would make a crash lose the fact that the work is
+            # done (it would run again). Reconciliation or the next start acks it.
+            self.stats.acks_failed += 1
+            _log.warning("ack held back, the state store failed: %s", str(exc))
+            return
+        try:
             if plan.source is not None:
                 source_type, source_id = plan.source
                 await self._client.ack_dispatch(
@@ -173,6 +206,7 @@ class PlatformWriter:
                 await self._client.ack_dispatch_by_id(self._org_id, dispatch_id)
                 self.stats.acks_sent += 1
                 _log.debug("acked dispatch item %s", dispatch_id)
+            self._ledger.acked(plan)
         except ParallError as exc:
             # Still pending on the platform: reconciliation finds the row, and the
             # ledger (which knows the work is done) acks it by id then.

@@ -10,6 +10,7 @@ from typing import Any
 from ..gateway import Gateway, GatewayConfig
 from ..routing import RoutingStrategy
 from ..runtime import AgentRuntime
+from ..state import StateStore
 from ._records import AgentAccount
 from .server import FakeParallServer
 
@@ -26,6 +27,7 @@ async def running_gateway(
     runtime: AgentRuntime,
     *,
     routing: RoutingStrategy | None = None,
+    store: StateStore | None = None,
     **tunables: Any,
 ) -> AsyncIterator[Gateway]:
     """Run a gateway for ``agent`` against ``server`` for the duration of the block.
@@ -40,6 +42,8 @@ async def running_gateway(
         agent: the agent account (from :meth:`FakeParallServer.add_agent`).
         runtime: the host runtime under test.
         routing: the routing strategy (the gateway's default when ``None``).
+        store: a state store (stays the caller's; give the same one to a later block
+            to test what a restart does), else the gateway's default.
         tunables: any keyword of :class:`~parall_bridge.GatewayConfig`
             (``reconcile_interval=0.2``, ``max_dispatch_attempts=2``...).
 
@@ -51,7 +55,7 @@ async def running_gateway(
         assert server.steps(agent.user_id)  # all written once the block is left
     """
     config = GatewayConfig(server.url, agent.api_key, server.org_id, **tunables)
-    gateway = Gateway(config, runtime, routing=routing)
+    gateway = Gateway(config, runtime, routing=routing, store=store)
     abort = asyncio.Event()
     task = asyncio.get_running_loop().create_task(
         gateway.start(abort), name="parall-testing-gateway"

@@ -15,6 +15,7 @@ from parall_bridge.gateway import Gateway, GatewayConfig
 from parall_bridge.models import AgentConfig, AgentStep, StepType
 from parall_bridge.routing import RoutingStrategy
 from parall_bridge.runtime import AgentRuntime, ForkOutcome, GatewayInfo, SessionRef, Turn
+from parall_bridge.state import StateStore
 from parall_bridge.testing import AgentAccount, FakeParallServer
 from parall_bridge.ws import Backoff
 
@@ -147,6 +148,7 @@ async def running(
     *,
     routing: RoutingStrategy | None = None,
     ready: bool = True,
+    store: StateStore | None = None,
     **tunables: Any,
 ) -> AsyncIterator[Run]:
     """Run a gateway until the block ends; then stop it and check that start() returned
@@ -159,6 +161,7 @@ async def running(
             runtime,
             routing=routing,
             client=client,
+            store=store,
             backoff=FAST_BACKOFF,
         )
         abort = asyncio.Event()

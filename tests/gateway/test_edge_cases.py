@@ -14,7 +14,7 @@ import pytest
 
 from parall_bridge import DispatchItem, EventOrigin, StepType
 from parall_bridge import protocol as p
-from parall_bridge.gateway import lanes as lanes_module
+from parall_bridge.gateway import turns as turns_module
 from parall_bridge.gateway.sources import ItemOutcome, Sources
 from parall_bridge.models import Chat, User
 from parall_bridge.runtime import ForkOutcome, SessionRef, Turn
@@ -278,7 +278,7 @@ async def test_a_timed_out_turn_that_swallows_its_cancellation_keeps_its_session
 ) -> None:
     """At most one run_turn per session (DESIGN 4): the next turn of the chat waits for the
     stubborn one to end; then the timeout is recorded and the lane goes on."""
-    monkeypatch.setattr(lanes_module, "TURN_CANCEL_TIMEOUT", 0.2)
+    monkeypatch.setattr(turns_module, "TURN_CANCEL_TIMEOUT", 0.2)
     stubborn = Stubborn(swallow=100)
     runtime = ScriptedRuntime(stubborn)
     try:
@@ -305,7 +305,7 @@ async def test_a_timed_out_turn_that_swallows_its_cancellation_keeps_its_session
 async def test_a_fork_is_released_only_after_its_stubborn_turn_ended(
     server: FakeParallServer, agent: AgentAccount, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(lanes_module, "TURN_CANCEL_TIMEOUT", 0.2)
+    monkeypatch.setattr(turns_module, "TURN_CANCEL_TIMEOUT", 0.2)
     ada = server.add_user("Ada")
     first = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     second = server.add_chat(
@@ -351,7 +351,7 @@ async def test_shutdown_while_a_timed_out_turn_is_being_stopped_leaves_nothing_r
     room: Chat,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(lanes_module, "TURN_CANCEL_TIMEOUT", 3.0)
+    monkeypatch.setattr(turns_module, "TURN_CANCEL_TIMEOUT", 3.0)
     stubborn = Stubborn(swallow=1)  # a second cancellation ends it
     runtime = ScriptedRuntime(stubborn)
     try:
@@ -390,7 +390,7 @@ async def test_shutdown_does_not_wait_forever_for_a_turn_that_swallows_its_cance
     room: Chat,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(lanes_module, "TURN_CANCEL_TIMEOUT", 0.2)
+    monkeypatch.setattr(turns_module, "TURN_CANCEL_TIMEOUT", 0.2)
     stubborn = Stubborn(swallow=1)
     runtime = ScriptedRuntime(stubborn)
     async with running(server, agent, runtime, shutdown_grace=0.1) as run:

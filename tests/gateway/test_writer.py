@@ -6,6 +6,7 @@ import pytest
 
 from parall_bridge import AgentSessionStatus, AgentStep, ParallClient, StepType
 from parall_bridge.gateway import writer as writer_module
+from parall_bridge.gateway.ledger import Ledger
 from parall_bridge.gateway.writer import PlatformWriter
 from parall_bridge.testing import AgentAccount, FakeParallServer
 
@@ -27,7 +28,8 @@ async def test_a_full_queue_drops_new_steps_but_never_a_status(
     session = await client.create_agent_session(
         "org_test", agent.user_id, runtime_type="test", runtime_key="k"
     )
-    writer = PlatformWriter(client, "org_test", agent.user_id)
+    ledger = Ledger(capacity=10, max_attempts=3, retry_base=1.0)
+    writer = PlatformWriter(client, "org_test", agent.user_id, ledger=ledger)
     writer.start(session.id)
     try:
         for n in range(6):

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from parall_bridge import AgentRuntime, AuthenticationError, StepType, Turn
+from parall_bridge import (
+    AgentRuntime,
+    AuthenticationError,
+    MemoryStateStore,
+    StepType,
+    Turn,
+    protocol,
+)
 from parall_bridge.testing import AgentAccount, FakeParallServer, running_gateway
 
 from ..conftest import library_tasks
@@ -55,3 +62,27 @@ async def test_an_error_in_the_block_stops_the_gateway_and_propagates(
             raise LookupError("the test's own")
     assert parall_server.sessions(agent.user_id)[-1].status == "completed"
     assert not library_tasks()
+
+
+@pytest.mark.asyncio
+async def test_a_store_given_to_two_blocks_carries_state_across_the_restart(
+    parall_server: FakeParallServer,
+) -> None:
+    """A host tests what a restart does: an ack lost to an outage is sent by the next
+    gateway on the same store, without running the turn again."""
+    server = parall_server
+    agent = server.add_agent("Bot")
+    ada = server.add_user("Ada")
+    chat = server.add_chat(type="direct", members=[ada.id, agent.user_id])
+    store = MemoryStateStore()
+    runtime = Reverse()
+    server.fail_next(protocol.ACK_DISPATCH, status=503, times=1000)
+    async with running_gateway(server, agent, runtime, store=store) as gateway:
+        server.post_message(chat.id, ada.id, "hello")
+        # the client retries the ack with its default backoff first (seconds)
+        await server.wait_for(lambda: gateway.stats().acks_failed == 1, timeout=60)
+    assert server.dispatch_items(agent.user_id)  # the ack never arrived
+    server.faults.clear()
+    async with running_gateway(server, agent, runtime, store=store) as gateway:
+        await server.wait_for(lambda: not server.dispatch_items(agent.user_id))
+        assert gateway.stats().turns_started == 0

@@ -1,0 +1,189 @@
+"""Reconciliation: catch-up passes over the dispatch queue, and retries when they fall due.
+
+A pass runs after every ``hello`` and on ``recovery.overflow`` (asked for by
+the intake), on a timer from the start (so a gateway whose WebSocket cannot
+connect still works over REST), and the ledger's failed events are
+dispatched again as their retry times come.
+
+On the process's first pass, the cold-start rule settles, without a turn,
+pending items older than ``cold_start_window``. With a durable store their age
+is measured against the moment the previous run last heard from the
+platform, so what arrived while the gateway was down is never skipped, and a
+source the ledger already knows is never skipped at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from ..client import ParallClient
+from ..errors import ParallError
+from ..events import EventOrigin
+from ..models import DispatchItem
+from .sources import ItemOutcome, Sources
+
+__all__ = ["Reconciler"]
+
+_log = logging.getLogger("parall_bridge.gateway")
+
+DISPATCH_PAGE_SIZE: Final = 50
+
+
+class Reconciler:
+    """Catch-up and retry timing of one gateway.
+
+    Args:
+        client: the REST client.
+        org_id: the organisation.
+        sources: handles each dispatch item and dispatches due retries.
+        next_retry_at: when the ledger's next failed event falls due.
+        interval: seconds between timed passes (``reconcile_interval``).
+        cold_start_window: the cold-start rule's window (``None``: off).
+        previous_heard: when the previous run last heard from the platform
+            (seconds since the epoch), if a store knows it.
+        clock: the ledger's clock.
+        heard: called when the platform answered.
+        ready: called after the first pass that follows a ``hello``.
+        wake: set to make it look at the retry times again (a failed turn).
+    """
+
+    def __init__(
+        self,
+        *,
+        client: ParallClient,
+        org_id: str,
+        sources: Sources,
+        next_retry_at: Callable[[], float | None],
+        interval: float,
+        cold_start_window: float | None,
+        previous_heard: float | None,
+        clock: Callable[[], float],
+        heard: Callable[[], None],
+        ready: Callable[[], None],
+        wake: asyncio.Event,
+    ) -> None:
+        self._client = client
+        self._org_id = org_id
+        self._sources = sources
+        self._next_retry_at = next_retry_at
+        self._interval = interval
+        self._window = cold_start_window
+        self._previous_heard = previous_heard
+        self._clock = clock
+        self._heard = heard
+        self._ready = ready
+        self._wake = wake
+        self._requested = False
+        self._hello_seen = False
+        self._stopping = False
+        self.passes = 0
+        self.cold_start_skipped = 0
+
+    def request(self, *, hello: bool = False) -> None:
+        """Ask for a catch-up pass now (after a ``hello``, or ``recovery.overflow``)."""
+        self._hello_seen |= hello
+        self._requested = True
+        self._wake.set()
+
+    def poke(self) -> None:
+        """The next retry time may have changed: look again."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """End :meth:`run` (shutdown)."""
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Catch-up after every hello and on overflow, on a timer from the start, and
+        retries of failed events when they fall due; until :meth:`stop`."""
+        next_pass = self._clock() + self._interval
+        while not self._stopping:
+            wake_at = next_pass
+            retry_at = self._next_retry_at()
+            if retry_at is not None:
+                wake_at = min(wake_at, retry_at)
+            if not self._requested:
+                try:
+                    async with asyncio.timeout(max(0.0, wake_at - self._clock())):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                if self._requested or self._clock() >= next_pass:
+                    self._requested = False
+                    await self.catch_up()
+                    next_pass = self._clock() + self._interval
+                self._sources.retry_due()
+            except Exception:
+                # A bug must not end reconciliation for the rest of the run: the next
+                # pass (on the timer, or the next request) tries again.
+                _log.exception("reconciliation pass failed")
+                next_pass = self._clock() + self._interval
+
+    def _cutoff(self) -> datetime | None:
+        """Items created before this are skipped on the first pass (cold start)."""
+        if self.passes or self._window is None:
+            return None
+        if self._previous_heard is not None:
+            reference = datetime.fromtimestamp(self._previous_heard, UTC)
+        else:
+            reference = datetime.now(UTC)
+        return reference - timedelta(seconds=self._window)
+
+    async def catch_up(self) -> None:
+        """One pass over the pending dispatch items, oldest first."""
+        cutoff = self._cutoff()
+        items: list[DispatchItem] = []
+        try:
+            # Listed fully before any is handled: acks during paging must not shift pages.
+            async for item in self._client.iter_dispatch(
+                self._org_id, page_size=DISPATCH_PAGE_SIZE
+            ):
+                items.append(item)
+        except ParallError as exc:
+            _log.warning("catch-up could not list the dispatch queue: %s", str(exc))
+            return
+        self._heard()
+        self.passes += 1
+        outcomes: dict[ItemOutcome, int] = {}
+        oldest: datetime | None = None
+        for item in items:
+            if self._stopping:
+                return
+            try:
+                outcome = await self._sources.on_item(item, EventOrigin.CATCH_UP, cutoff)
+            except Exception:
+                # One item must not stop the pass; it stays pending for the next one.
+                _log.exception("catch-up could not handle dispatch item %s", item.id)
+                outcome = ItemOutcome.LEFT_PENDING
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            if outcome is ItemOutcome.SKIPPED_OLD and item.created_at is not None:
+                oldest = item.created_at if oldest is None else min(oldest, item.created_at)
+        skipped = outcomes.get(ItemOutcome.SKIPPED_OLD, 0)
+        if skipped:
+            self.cold_start_skipped += skipped
+            age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
+            _log.warning(
+                "cold start: acked %d dispatch item(s) older than %g s without a turn "
+                "(the oldest %.0f s old)%s",
+                skipped,
+                self._window,
+                age,
+                "" if self._previous_heard is None else ", measured from the previous run",
+            )
+        if items:
+            _log.info(
+                "catch-up: %d pending item(s): %s",
+                len(items),
+                ", ".join(f"{n} {o.value}" for o, n in outcomes.items()),
+            )
+        if self._hello_seen:
+            self._ready()

@@ -1,0 +1,194 @@
+"""Supervision of a started gateway: the WebSocket connection and the ordered shutdown.
+
+The supervisor starts the parts (intake, reconciler, connection) once the
+gateway is booted, and stops them in the one order that loses nothing: stop
+taking events, let turns finish within the grace period and then cancel
+them, settle the ledger, stop typing and heartbeats, disconnect, flush steps
+and acks, mark the session completed, write the state store, call
+``on_stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from .._tasks import TaskSet
+from ..errors import (
+    ParallConnectionError,
+    ParallError,
+    RateLimitedError,
+    ServerError,
+    WebSocketClosedError,
+)
+from ..models import AgentSessionStatus
+from ..runtime import AgentRuntime
+from ..ws import Backoff, ParallWs
+from .config_sync import ConfigSync
+from .intake import Intake
+from .lanes import Lanes
+from .ledger import Ledger
+from .persist import Persister
+from .presence import Presence
+from .reconciler import Reconciler
+from .turns import Turns
+from .writer import PlatformWriter
+
+__all__ = ["TRANSIENT_ERRORS", "Supervisor", "sleep_or_stop"]
+
+_log = logging.getLogger("parall_bridge.gateway")
+
+FLUSH_TIMEOUT: Final = 10.0
+"""Seconds shutdown waits for queued steps and acks to reach the platform."""
+STORE_TIMEOUT: Final = 10.0
+"""Seconds shutdown waits for the last changes to reach the state store."""
+HOOK_TIMEOUT: Final = 30.0
+"""Seconds ``on_stop`` may take."""
+TRANSIENT_ERRORS: Final = (ServerError, RateLimitedError, ParallConnectionError)
+"""Platform errors worth retrying later (an outage, not a refusal)."""
+
+
+class Supervisor:
+    """Connection and shutdown of one booted gateway.
+
+    Args:
+        runtime: the host's runtime.
+        config: the platform config's sync.
+        ws: the WebSocket.
+        intake: the inbound frames.
+        reconciler: catch-up and retries.
+        lanes: the lanes.
+        turns: the turn lifecycle.
+        ledger: the ledger.
+        presence: typing and heartbeat.
+        writer: steps, status changes and acks.
+        persister: the state store's writer.
+        backoff: delays between connection attempts.
+        shutdown_grace: seconds running turns get at shutdown.
+        clock: the ledger's clock.
+        stop: asks the gateway to stop (with the fatal error, if any).
+        stop_event: set once a stop was asked for.
+    """
+
+    def __init__(
+        self,
+        *,
+        runtime: AgentRuntime,
+        config: ConfigSync,
+        ws: ParallWs,
+        intake: Intake,
+        reconciler: Reconciler,
+        lanes: Lanes,
+        turns: Turns,
+        ledger: Ledger,
+        presence: Presence,
+        writer: PlatformWriter,
+        persister: Persister,
+        backoff: Backoff,
+        shutdown_grace: float,
+        clock: Callable[[], float],
+        stop: Callable[[BaseException | None], None],
+        stop_event: asyncio.Event,
+    ) -> None:
+        self._runtime = runtime
+        self.config = config
+        self.ws = ws
+        self.intake = intake
+        self.reconciler = reconciler
+        self.lanes = lanes
+        self.turns = turns
+        self.ledger = ledger
+        self.presence = presence
+        self.writer = writer
+        self.persister = persister
+        self._backoff = backoff
+        self._grace = shutdown_grace
+        self._clock = clock
+        self._request_stop = stop
+        self._stop_event = stop_event
+        self._tasks = TaskSet(_log)
+        self._stopping = False
+
+    @property
+    def stopping(self) -> bool:
+        """Whether shutdown has begun."""
+        return self._stopping
+
+    def run(self) -> None:
+        """Start the intake, the reconciler and the connection."""
+        self.intake.start()
+        self._tasks.spawn(self.reconciler.run(), name="parall-gateway-reconciler")
+        self._tasks.spawn(self._connect(), name="parall-gateway-connect")
+
+    # --- connection -------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        """Connect the WebSocket, retrying with backoff; then watch for a fatal close."""
+        ws = self.ws
+        failures = 0
+        while not self._stopping:
+            try:
+                await ws.connect()
+                break
+            except WebSocketClosedError as exc:
+                self._request_stop(exc)
+                return
+            except ParallError as exc:
+                if isinstance(exc, TRANSIENT_ERRORS) or not hasattr(exc, "status"):
+                    delay = self._backoff.delay(failures)
+                    failures += 1
+                    _log.warning(
+                        "WebSocket connection failed (%s); retrying in %.1f s", str(exc), delay
+                    )
+                    if await sleep_or_stop(self._stop_event, delay):
+                        return
+                    continue
+                self._request_stop(exc)
+                return
+        try:
+            await ws.wait_closed()
+        except WebSocketClosedError as exc:
+            _log.error("the platform closed the connection for good: %s", str(exc))
+            self._request_stop(exc)
+
+    # --- shutdown -----------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop taking events; let turns finish within the grace period, then cancel
+        them; settle the ledger; stop typing and heartbeats; disconnect; flush steps
+        and acks; mark the session completed; write the store; call ``on_stop``.
+        Nothing started here is left running."""
+        self._stopping = True
+        self.reconciler.stop()
+        await self.intake.close()
+        await self.config.close()
+        await self._tasks.cancel()
+        await self.lanes.close(self._grace)
+        await self.turns.close(self._grace)
+        settled = self.ledger.shutdown(now=self._clock())
+        if settled:
+            _log.info("shutdown: %d event(s) not run are left to the next start", settled)
+        await self.presence.close()
+        await self.ws.disconnect()
+        self.persister.set_last_seq(self.ws.last_seq)
+        self.writer.status(AgentSessionStatus.COMPLETED)
+        await self.writer.close(FLUSH_TIMEOUT)
+        self.persister.set_session(None)  # shut down: nothing to mark completed at start
+        await self.persister.close(STORE_TIMEOUT)
+        try:
+            async with asyncio.timeout(HOOK_TIMEOUT):
+                await self._runtime.on_stop()
+        except Exception:
+            _log.exception("on_stop failed")
+
+
+async def sleep_or_stop(stop: asyncio.Event, delay: float) -> bool:
+    """Sleep ``delay`` seconds; returns ``True`` if ``stop`` was set meanwhile."""
+    try:
+        async with asyncio.timeout(delay):
+            await stop.wait()
+    except TimeoutError:
+        return False
+    return True
