@@ -41,6 +41,7 @@ bench: $(VENV)/.installed-dev
 
 soak: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.soak
+	$(PY) -m benchmarks.crash
 
 docs: $(PY)
 	$(PY) -m pip install --quiet -e '.[docs]'

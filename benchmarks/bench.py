@@ -5,7 +5,10 @@
    critical path; the baseline does what the seed does (awaits both REST calls
    before the agent runs). Every REST call to those endpoints gets the same
    injected latency, as over a real network.
-2. Burst throughput: a burst of messages over several chats whose turns take
+2. Turn-start latency with the SQLite store: the same measure, with a real
+   SQLite state file against the memory store (median and p99); a turn's
+   journal entry is written in the background, never awaited before it starts.
+3. Burst throughput: a burst of messages over several chats whose turns take
    a fixed time. Fork-on-busy routing (``DefaultRoutingStrategy``) against
    serial routing (``SerialRoutingStrategy``), same gateway, same emulator.
 
@@ -19,9 +22,11 @@ import argparse
 import asyncio
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Final
 
 import attrs
@@ -35,10 +40,13 @@ from parall_bridge import (
     Gateway,
     GatewayConfig,
     GatewayInfo,
+    MemoryStateStore,
     ParallClient,
     RoutingStrategy,
     SerialRoutingStrategy,
     SessionRef,
+    SqliteStateStore,
+    StateStore,
     Turn,
 )
 from parall_bridge import protocol as p
@@ -122,12 +130,18 @@ async def _run_gateway(
     runtime: AgentRuntime,
     routing: RoutingStrategy | None,
     body: Callable[[Gateway], object],
+    store: StateStore | None = None,
 ) -> None:
     config = GatewayConfig(server.url, api_key, server.org_id, max_forks=8, shutdown_grace=5.0)
     abort = asyncio.Event()
     async with ParallClient(server.url, api_key) as client:
         gateway = Gateway(
-            config, runtime, routing=routing, client=client, backoff=Backoff(maximum=0.1)
+            config,
+            runtime,
+            routing=routing,
+            client=client,
+            store=store,
+            backoff=Backoff(maximum=0.1),
         )
         task = asyncio.get_running_loop().create_task(gateway.start(abort))
         try:
@@ -142,12 +156,45 @@ async def _run_gateway(
 
 async def turn_start_latency(samples: int) -> BenchResult:
     """Median time from post to turn start, ours vs the seed's awaited writes."""
-    baseline = await _median_turn_start(seed_style=True, samples=samples)
-    ours = await _median_turn_start(seed_style=False, samples=samples)
+    baseline = statistics.median(await _turn_starts(seed_style=True, samples=samples))
+    ours = statistics.median(await _turn_starts(seed_style=False, samples=samples))
     return BenchResult("turn-start latency (median)", "s", ours, baseline)
 
 
-async def _median_turn_start(*, seed_style: bool, samples: int) -> float:
+async def store_latency(samples: int) -> list[BenchResult]:
+    """Turn-start latency with the SQLite store (a real file) against the memory store,
+    median and 99th percentile: no store write is awaited before a turn starts."""
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as folder:
+        memory = await _turn_starts(seed_style=False, samples=samples, store=MemoryStateStore())
+        sqlite = await _turn_starts(
+            seed_style=False,
+            samples=samples,
+            store=SqliteStateStore(Path(folder) / "state.db"),
+        )
+    return [
+        BenchResult(
+            "turn-start latency, SQLite store vs memory (median)",
+            "s",
+            statistics.median(sqlite),
+            statistics.median(memory),
+        ),
+        BenchResult(
+            "turn-start latency, SQLite store vs memory (p99)",
+            "s",
+            _percentile(sqlite, 99),
+            _percentile(memory, 99),
+        ),
+    ]
+
+
+def _percentile(values: list[float], pct: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+async def _turn_starts(
+    *, seed_style: bool, samples: int, store: StateStore | None = None
+) -> list[float]:
     async with FakeParallServer() as server:
         agent = server.add_agent("Bench", api_key="pk_bench_latency")
         human = server.add_user("Human")
@@ -165,8 +212,10 @@ async def _median_turn_start(*, seed_style: bool, samples: int) -> float:
                 latencies.append(runtime.started[message_id] - posted_at)
                 await server.wait_for(partial(_idle, gateway))
 
-        await _run_gateway(server, agent.api_key, runtime, None, drive)
-    return statistics.median(latencies)
+        await _run_gateway(server, agent.api_key, runtime, None, drive, store)
+        if store is not None:
+            await store.close()
+    return latencies
 
 
 def _contains(mapping: dict[str, float], key: str) -> bool:
@@ -214,6 +263,7 @@ async def run_benchmarks(quick: bool = False) -> list[BenchResult]:
     """Run every benchmark (``quick``: a few samples, for the smoke test)."""
     return [
         await turn_start_latency(samples=5 if quick else 50),
+        *await store_latency(samples=5 if quick else 200),
         await burst_throughput(chats=3 if quick else 8, per_chat=2 if quick else 10),
     ]
 

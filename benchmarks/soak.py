@@ -8,7 +8,9 @@ drains and stops, and the invariants are checked:
 
 - every message and task was handled by exactly one successful turn;
 - no dispatch item is left pending; no dead letter (failures were transient);
-- the ledger stayed within its capacity; no task of the library is left;
+- the ledger stayed within its capacity, and so did the SQLite state file the gateway
+  keeps (its rows, and its size on disk, reported half-way and at the end); no task of the
+  library is left;
 - no library object outlives its work: once stopped, no turn, event or step is alive
   (RSS is reported too, for information: it includes the emulator, which keeps every
   message, dispatch row and request it saw, as a real server's database would).
@@ -22,10 +24,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import gc
 import logging
 import random
+import sqlite3
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Final
@@ -50,6 +55,8 @@ from parall_bridge.ws import Backoff
 __all__ = ["SoakReport", "main", "soak"]
 
 DEDUPE_CAPACITY: Final = 400
+STATE_ROWS: Final = "SELECT (SELECT COUNT(*) FROM sources) + (SELECT COUNT(*) FROM turns)"
+"""Rows of a state file: its records and its journaled turns."""
 CLOSE_CODES: Final = (1000, 1001, 1011, 1012, 1013, 4001, 4008, 4999)
 FAULTY_ENDPOINTS: Final = (
     p.SEND_MESSAGE,
@@ -127,6 +134,9 @@ class SoakReport:
     rss_end_mib: float = 0.0
     alive: dict[str, int] = attrs.field(factory=dict)
     ledger_max: int = 0
+    state_half_kib: float = 0.0
+    state_end_kib: float = 0.0
+    state_rows_max: int = 0
     failures: list[str] = attrs.field(factory=list)
 
     @property
@@ -141,14 +151,33 @@ class SoakReport:
             f"faults injected: {faults or 'none'}",
             f"ledger max {self.ledger_max} (capacity {DEDUPE_CAPACITY}); library objects alive "
             f"once stopped: {self.alive}",
+            f"state file (SQLite, with its WAL) half-way {self.state_half_kib:.0f} KiB, end "
+            f"{self.state_end_kib:.0f} KiB; most rows {self.state_rows_max}",
             f"RSS (emulator included) half-way {self.rss_half_mib:.1f} MiB, "
             f"end {self.rss_end_mib:.1f} MiB",
             "invariants: " + ("all held" if self.ok else "; ".join(self.failures)),
         ]
 
 
+def _state_kib(path: Path) -> float:
+    """The state file's size on disk, its write-ahead log included."""
+    files = [path, path.with_name(path.name + "-wal")]
+    return sum(f.stat().st_size for f in files if f.exists()) / 1024
+
+
+def _state_rows(path: Path) -> int:
+    """Rows of the state file (a reader beside the gateway's connection: WAL allows it)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return int(conn.execute(STATE_ROWS).fetchone()[0])
+
+
 async def soak(seconds: float, seed: int = 1) -> SoakReport:
     """Run the soak for ``seconds`` and return its report."""
+    with tempfile.TemporaryDirectory(prefix="soak-") as folder:
+        return await _soak(seconds, seed, Path(folder) / "state.db")
+
+
+async def _soak(seconds: float, seed: int, state_path: Path) -> SoakReport:
     rng = random.Random(seed)
     report = SoakReport(seconds=seconds)
     alive_before = _alive_library_objects()  # whatever else in this process holds some
@@ -176,6 +205,7 @@ async def soak(seconds: float, seed: int = 1) -> SoakReport:
             dedupe_capacity=DEDUPE_CAPACITY,
             shutdown_grace=5.0,
             cold_start_window=None,
+            state_path=str(state_path),
         )
         retry = RetryPolicy(initial_backoff=0.05, max_backoff=0.5, jitter=0.05)
         abort = asyncio.Event()
@@ -213,6 +243,8 @@ async def soak(seconds: float, seed: int = 1) -> SoakReport:
                 report.ledger_max = max(report.ledger_max, sum(gateway.stats().ledger.values()))
                 if report.rss_half_mib == 0.0 and time.monotonic() >= half:
                     report.rss_half_mib = _rss_mib()
+                    report.state_half_kib = _state_kib(state_path)
+                    report.state_rows_max = max(report.state_rows_max, _state_rows(state_path))
                 await asyncio.sleep(rng.uniform(0.01, 0.1))  # pacing of the traffic
             for timer in timers:
                 timer.cancel()
@@ -235,6 +267,7 @@ async def soak(seconds: float, seed: int = 1) -> SoakReport:
                 report.failures.append("did not drain within 60 s after the traffic stopped")
             report.ledger_max = max(report.ledger_max, sum(gateway.stats().ledger.values()))
             report.rss_end_mib = _rss_mib()
+            report.state_rows_max = max(report.state_rows_max, _state_rows(state_path))
             stats = gateway.stats()
             abort.set()
             await asyncio.wait_for(task, 30)
@@ -242,6 +275,7 @@ async def soak(seconds: float, seed: int = 1) -> SoakReport:
             report.alive = {
                 name: max(0, n - alive_before[name]) for name, n in _alive_library_objects().items()
             }
+        report.state_end_kib = _state_kib(state_path)
         report.turns = runtime.turns
         report.connections = len([c for c in server.ws_connections if c.ticket_ok])
         missing = [key for key in expected if runtime.handled[key] == 0]
@@ -257,6 +291,8 @@ async def soak(seconds: float, seed: int = 1) -> SoakReport:
             report.failures.append(f"{stats.dead_letters} dead letter(s)")
         if report.ledger_max > DEDUPE_CAPACITY:
             report.failures.append(f"ledger grew to {report.ledger_max}")
+        if report.state_rows_max > DEDUPE_CAPACITY:
+            report.failures.append(f"the state file grew to {report.state_rows_max} rows")
         left = [t for t in asyncio.all_tasks() if t.get_name().startswith("parall-")]
         if left:
             report.failures.append(f"{len(left)} library task(s) left running")
