@@ -21,6 +21,10 @@ ENV_WS_URL: Final = "PRLL_WS_URL"
 ENV_AGENT_ID: Final = "PRLL_AGENT_ID"
 ENV_STATE_PATH: Final = "PRLL_STATE_PATH"
 
+HOOK_TIMEOUT: Final = 30.0
+"""Seconds a runtime hook (``apply_platform_config``, ``on_dead_letter``, ``on_stop``) may
+take before it is cancelled."""
+
 
 def _parse_url(name: str, value: object, schemes: tuple[str, ...], what: str) -> None:
     if not isinstance(value, str) or not value:

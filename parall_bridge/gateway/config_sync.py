@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Final
 
 from .._tasks import TaskSet
 from ..client import ParallClient
 from ..errors import ParallError
 from ..runtime import AgentRuntime
+from .config import HOOK_TIMEOUT
 
-__all__ = ["HOOK_TIMEOUT", "ConfigSync"]
+__all__ = ["ConfigSync"]
 
 _log = logging.getLogger("parall_bridge.gateway")
-
-HOOK_TIMEOUT: Final = 30.0
-"""Seconds ``apply_platform_config`` may take."""
 
 
 class ConfigSync:

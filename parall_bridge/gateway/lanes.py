@@ -173,8 +173,7 @@ class Board:
         the oldest target that belongs to no journaled turn (coalescing). Other keys
         stay queued."""
         first = lane.queue[0]
-        record = self._ledger.get(first)
-        entry = self._ledger.turn(record.turn_id) if record and record.turn_id else None
+        entry = self.entry_of((first,))
         if entry is not None:
             lane.queue = deque(key for key in lane.queue if key not in entry.keys)
             lane.solo = None
@@ -194,9 +193,10 @@ class Board:
         lane.queue = rest
         return batch
 
-    def journaled_entry(self, lane: Lane) -> TurnEntry | None:
-        """The journaled turn at the head of ``lane``'s queue, if any."""
-        record = self._ledger.get(lane.queue[0]) if lane.queue else None
+    def entry_of(self, keys: Sequence[str]) -> TurnEntry | None:
+        """The journaled turn ``keys`` belong to (a batch of :meth:`take_batch`), if any:
+        it runs again with its id and its prefix."""
+        record = self._ledger.get(keys[0])
         return self._ledger.turn(record.turn_id) if record and record.turn_id else None
 
     def _journaled(self, key: str) -> bool:
@@ -312,7 +312,7 @@ class Lanes:
                 results, self._fork_results = self._fork_results, []
                 if lane.queue:
                     batch = self.board.take_batch(lane)
-                    entry = self._turns.ledger.turn(self._turn_of(batch))
+                    entry = self.board.entry_of(batch)
                     prefix = build_fork_result_prefix(results)
                     if entry is not None and entry.prefix:
                         # A journaled turn runs as it was; these results wait for the next.
@@ -342,10 +342,6 @@ class Lanes:
             lane.worker = None
             lane.target = None
 
-    def _turn_of(self, keys: Sequence[str]) -> str:
-        record = self._turns.ledger.get(keys[0])
-        return record.turn_id if record is not None and record.turn_id else ""
-
     async def _fork_worker(self, fork: Lane) -> None:
         target = fork.target or ""
         child: SessionRef | None = None
@@ -360,7 +356,7 @@ class Lanes:
             fork.session = child
             while fork.queue and not self._closing:
                 batch = self.board.take_batch(fork)
-                entry = self._turns.ledger.turn(self._turn_of(batch))
+                entry = self.board.entry_of(batch)
                 outcome = await self._turns.run(
                     fork.session,
                     batch,

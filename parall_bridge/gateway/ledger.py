@@ -358,12 +358,6 @@ class Ledger:
         self._changed(record)
         return Claim(Verdict.CLAIMED, record)
 
-    def attach(self, record: Record, dispatch_id: str) -> None:
-        """Remember a dispatch row of an in-flight or waiting record."""
-        if dispatch_id not in record.dispatch_ids:
-            record.dispatch_ids.add(dispatch_id)
-            self._changed(record)
-
     def hold(self, key: str, message: Message) -> bool:
         """Keep a live delivery of a record whose dispatch row is being fetched (claimed,
         no event yet), in case that fetch fails; returns whether it was kept."""
@@ -407,7 +401,7 @@ class Ledger:
         dispatch_id: str | None = None,
     ) -> AckPlan:
         """Settle a source that needs no turn (deleted, sent by the agent, nothing to
-        read, skipped by the cold-start rule): it is done, and the acks are returned.
+        read): it is done, and the acks are returned.
 
         The caller owns the record (it claimed it) or the ledger does not know it.
         """

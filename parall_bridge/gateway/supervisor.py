@@ -26,6 +26,7 @@ from ..errors import (
 from ..models import AgentSessionStatus
 from ..runtime import AgentRuntime
 from ..ws import Backoff, ParallWs
+from .config import HOOK_TIMEOUT
 from .config_sync import ConfigSync
 from .intake import Intake
 from .lanes import Lanes
@@ -44,8 +45,6 @@ FLUSH_TIMEOUT: Final = 10.0
 """Seconds shutdown waits for queued steps and acks to reach the platform."""
 STORE_TIMEOUT: Final = 10.0
 """Seconds shutdown waits for the last changes to reach the state store."""
-HOOK_TIMEOUT: Final = 30.0
-"""Seconds ``on_stop`` may take."""
 TRANSIENT_ERRORS: Final = (ServerError, RateLimitedError, ParallConnectionError)
 """Platform errors worth retrying later (an outage, not a refusal)."""
 

@@ -26,6 +26,7 @@ from ..client import ParallClient
 from ..events import ParallEvent
 from ..models import AgentSessionStatus, AgentStep, StepType
 from ..runtime import AgentRuntime, SessionRef, Turn, step_target
+from .config import HOOK_TIMEOUT
 from .ledger import Ledger, TurnEntry
 from .persist import Persister
 from .presence import Presence
@@ -35,8 +36,6 @@ __all__ = ["TurnOutcome", "TurnRun", "TurnStats", "Turns"]
 
 _log = logging.getLogger("parall_bridge.gateway.turns")
 
-HOOK_TIMEOUT: Final = 30.0
-"""Seconds ``on_dead_letter`` may take before it is cancelled."""
 ERROR_MESSAGE_LIMIT: Final = 500
 """Characters of an exception's text kept in an error step."""
 TURN_CANCEL_TIMEOUT: Final = 5.0
