@@ -31,7 +31,7 @@ DEMO_TIMEOUT: Final = 20.0
 Say = Callable[[str], None]
 
 _TASK_VERSION: Final = re.compile(r"@\d{4}-\d\d-\d\dT[0-9:.+]+")
-_TURN_ID: Final = re.compile(r"\b(t[0-9a-f]{6})[0-9a-f]{18}\b")
+_TURN_ID: Final = re.compile(r"\b([st][0-9a-f]{6})[0-9a-f]{18}\b")
 
 
 class DemoRuntime(AgentRuntime):

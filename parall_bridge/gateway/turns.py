@@ -200,12 +200,13 @@ class Turns:
         )
         last = turn.event
         _log.info(
-            "turn %s on %s for %s: %d event(s) %s",
+            "turn %s on %s for %s: %s",
             entry.turn_id,
             session.key,
             last.target_id,
-            len(entry.keys),
-            ", ".join(entry.keys),
+            f"{len(entry.keys)} event(s) {', '.join(entry.keys)}"
+            if entry.keys
+            else "fork results (a wake-up)",
         )
         # The turn's task is made before _begin starts the background writes, so run_turn
         # runs first (the input steps are queued by then: they are still written first).
