@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -18,7 +19,14 @@ KEY = "pk_live_very_secret_key_42"
 ORG = "org_1"
 
 ENV = {"PRLL_API_URL": URL, "PRLL_API_KEY": KEY, "PRLL_ORG_ID": ORG}
-ALL_VARIABLES = ("PRLL_API_URL", "PRLL_API_KEY", "PRLL_ORG_ID", "PRLL_WS_URL", "PRLL_AGENT_ID")
+ALL_VARIABLES = (
+    "PRLL_API_URL",
+    "PRLL_API_KEY",
+    "PRLL_ORG_ID",
+    "PRLL_WS_URL",
+    "PRLL_AGENT_ID",
+    "PRLL_STATE_PATH",
+)
 
 
 def make(**kwargs: Any) -> GatewayConfig:
@@ -45,6 +53,8 @@ def test_defaults_as_in_the_design() -> None:
     assert config.shutdown_grace == 10.0
     assert config.turn_timeout == 600.0
     assert config.max_forks == 4
+    assert config.ack_dead_letters is True
+    assert config.state_path is None  # in memory unless told
 
 
 def test_three_positional_fields_then_keyword_only() -> None:
@@ -71,8 +81,11 @@ def test_every_setting_can_be_given() -> None:
         shutdown_grace=0.0,
         turn_timeout=1.0,
         max_forks=0,
+        ack_dead_letters=False,
+        state_path="bot.db",
     )
     assert config.ws_url == "wss://ws.parall.test/ws"
+    assert config.state_path == "bot.db"
     assert config.agent_id == "usr_bot"
     assert config.cold_start_window is None
     assert config.max_forks == 0
@@ -244,16 +257,32 @@ def test_from_env_required_variables() -> None:
 
 
 def test_from_env_optional_variables() -> None:
-    env = {**ENV, "PRLL_WS_URL": "wss://ws.parall.test/ws", "PRLL_AGENT_ID": "usr_bot"}
+    env = {
+        **ENV,
+        "PRLL_WS_URL": "wss://ws.parall.test/ws",
+        "PRLL_AGENT_ID": "usr_bot",
+        "PRLL_STATE_PATH": "/var/lib/bot/state.db",
+    }
     config = GatewayConfig.from_env(env)
     assert config.ws_url == "wss://ws.parall.test/ws"
     assert config.agent_id == "usr_bot"
+    assert config.state_path == "/var/lib/bot/state.db"
+
+
+def test_state_path_takes_a_path_like_and_refuses_an_empty_one() -> None:
+    assert make(state_path=Path("state") / "bot.db").state_path == os.path.join("state", "bot.db")
+    for bad in ("", "  ", 3):
+        with pytest.raises(ConfigurationError, match="state_path must be a non-empty path"):
+            make(state_path=bad)
 
 
 def test_from_env_empty_optional_variables_are_absent() -> None:
-    config = GatewayConfig.from_env({**ENV, "PRLL_WS_URL": "", "PRLL_AGENT_ID": "  "})
+    config = GatewayConfig.from_env(
+        {**ENV, "PRLL_WS_URL": "", "PRLL_AGENT_ID": "  ", "PRLL_STATE_PATH": ""}
+    )
     assert config.ws_url is None
     assert config.agent_id is None
+    assert config.state_path is None
 
 
 @pytest.mark.parametrize("variable", ["PRLL_API_URL", "PRLL_API_KEY", "PRLL_ORG_ID"])

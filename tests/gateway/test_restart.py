@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 import pytest
 
@@ -306,3 +307,48 @@ async def test_the_ledger_is_written_to_the_store_as_it_goes(
             assert asyncio.get_running_loop().time() < deadline, "never written"
             await asyncio.sleep(0.01)  # polling the store, not waiting blind
         assert run.gateway.stats().store_writes >= 1
+
+
+@pytest.mark.asyncio
+async def test_the_next_start_resumes_the_websocket_from_the_stored_last_seq(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    """A restarted process resumes the event stream where the previous one stopped: the
+    platform replays only what came after (and catch-up covers the rest)."""
+    store = MemoryStateStore()
+    async with running(server, agent, ScriptedRuntime(reply), store=store) as run:
+        server.post_message(room.id, ada.id, "one")
+        await run.wait_for(lambda: not run.pending())
+        assert run.gateway.ws is not None
+        last_seq = run.gateway.ws.last_seq
+    assert last_seq > 0
+    assert server.ws_connections[-1].last_seq is None  # a first start: no resume
+    server.post_message(room.id, ada.id, "two")  # while down: replayed on resume
+    second = ScriptedRuntime(reply)
+    async with running(server, agent, second, store=store) as run:
+        await run.wait_for(lambda: not run.pending())
+    assert server.ws_connections[-1].last_seq == last_seq
+    assert second.texts() == [["two"]]
+
+
+@pytest.mark.asyncio
+async def test_a_state_path_store_is_the_gateways_own(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat, tmp_path: Path
+) -> None:
+    """``state_path`` makes a SQLite store the gateway opens, holds for its life (a second
+    gateway on the file fails at start, naming the file and the account) and closes."""
+    path = tmp_path / "state.db"
+    async with running(server, agent, ScriptedRuntime(reply), state_path=str(path)) as run:
+        assert run.gateway.stats().store == str(path)
+        with pytest.raises(StateStoreError) as refused:
+            async with running(server, agent, state_path=str(path), account_id="second"):
+                pass
+        assert str(path) in str(refused.value)
+        assert "account 'second'" in str(refused.value)
+        server.post_message(room.id, ada.id, "hello")
+        await run.wait_for(lambda: not run.pending())
+    assert not run.gateway.store.is_open  # closed: its lock released
+    again = ScriptedRuntime(reply)
+    async with running(server, agent, again, state_path=str(path)) as run:
+        assert run.gateway.stats().ledger["acked"] == 1  # what the first run settled
+    assert again.turns == []
