@@ -327,8 +327,8 @@ class Ledger:
         """Take ``key`` for processing unless it is in flight, settled, dead, or not yet
         due (a record of a pinned turn is due only with its turn: :meth:`take_due`).
 
-        A ``dispatch_id`` is remembered with the record whatever the verdict
-        (for ``DONE``/``DEAD`` the caller acks it instead, see :meth:`ack_row`).
+        A ``dispatch_id`` is attached to a record in flight or waiting; for a settled
+        or dead one (``DONE``/``DEAD``) the caller acks it instead (:meth:`ack_row`).
         """
         record = self._records.get(key)
         if record is None:
@@ -454,11 +454,15 @@ class Ledger:
         unless ``turn_id`` is given: a journaled turn running again keeps its id)."""
         keys = tuple(keys)
         records = [self._require(key) for key in keys]
+        if turn_id is None:
+            turn_id = turn_id_of(keys) if keys else f"s{uuid.uuid4().hex[:24]}"
         for record in records:
             if record.state is not WorkState.QUEUED:
                 raise RuntimeError(f"cannot run {record.key!r}: it is {record.state}")
-        if turn_id is None:
-            turn_id = turn_id_of(keys) if keys else f"s{uuid.uuid4().hex[:24]}"
+            if record.turn_id is not None and record.turn_id != turn_id:
+                raise RuntimeError(
+                    f"cannot run {record.key!r}: it belongs to turn {record.turn_id}"
+                )
         entry = self._turns.get(turn_id)
         if entry is None:
             self._order += 1
@@ -585,19 +589,22 @@ class Ledger:
         for record in list(self._records.values()):
             if not self._due(record, now):
                 continue
-            if record.turn_id is None:
+            entry = self._turns.get(record.turn_id) if record.turn_id is not None else None
+            members = [self._records.get(key) for key in entry.keys] if entry else []
+            if record.turn_id is not None and (
+                entry is None
+                or not all(
+                    member is not None and member.state is WorkState.FAILED and member.event
+                    for member in members
+                )
+            ):
+                # The turn cannot run as it was: its records run on their own, from now.
+                self._unpin(record)
+                entry = None
+            if entry is None:
                 record.state = WorkState.CLAIMED
                 self._changed(record)
                 units.append((record.key,))
-                continue
-            entry = self._turns.get(record.turn_id)
-            members = [self._records.get(key) for key in entry.keys] if entry else []
-            if entry is None or not all(
-                member is not None and member.state is WorkState.FAILED and member.event
-                for member in members
-            ):
-                # The turn cannot run as it was: its records run on their own.
-                self._unpin(record)
                 continue
             for member in members:
                 assert member is not None

@@ -694,12 +694,24 @@ def test_take_due_unpins_a_turn_that_cannot_run_as_it_was() -> None:
     turn_id = run(ledger, "a", "b")
     fail(ledger, turn_id, sent=True)
     ledger.dismiss("b", source_type="message", source_id="b", origin=LIVE)
-    units = ledger.take_due(100.0)
+    assert ledger.take_due(100.0) == [("a",)]  # unpinned and claimed in the same call
     assert ledger.journal == []
     assert record(ledger, "a").turn_id is None
-    # Claimed by this take_due or at the latest the next one (today: the next one).
-    units += ledger.take_due(100.0)
-    assert units == [("a",)]
+    assert ledger.take_due(100.0) == []
+
+
+def test_start_turn_refuses_keys_of_another_journaled_turn() -> None:
+    """A pinned record runs only with its own turn: mixed into another batch, that turn
+    would stay journaled forever."""
+    ledger = make_ledger(retry_base=10.0)
+    pinned = run(ledger, "a")
+    fail(ledger, pinned, sent=True)
+    assert ledger.take_due(100.0) == [("a",)]
+    ledger.queued("a")
+    queue(ledger, "b")
+    with pytest.raises(RuntimeError, match=f"belongs to turn {pinned}"):
+        ledger.start_turn(["a", "b"], session_key="main")
+    assert ledger.start_turn(["a"], session_key="main", turn_id=pinned).attempt == 2
 
 
 def test_when_some_records_go_dead_the_survivors_are_unpinned() -> None:
