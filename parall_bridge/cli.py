@@ -29,9 +29,9 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -326,4 +326,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     routing = SerialRoutingStrategy() if args.serial else None
-    return asyncio.run(run_gateway(config, runtime, routing=routing, durable=not args.no_state))
+    return _run_abandoning(run_gateway(config, runtime, routing=routing, durable=not args.no_state))
+
+
+def _run_abandoning(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` in a new event loop and close it without waiting again for tasks still
+    pending: the gateway already gave its turns ``shutdown_grace`` and then
+    ``cancel_grace``, and abandoned a host turn that ignores its cancellation
+    (``asyncio.run`` would wait for it forever). Async generators are closed as usual."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            left = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            if left:
+                _print(f"abandoning {len(left)} task(s) that ignore their cancellation")
+                for task in left:
+                    task.cancel()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()

@@ -21,10 +21,6 @@ ENV_WS_URL: Final = "PRLL_WS_URL"
 ENV_AGENT_ID: Final = "PRLL_AGENT_ID"
 ENV_STATE_PATH: Final = "PRLL_STATE_PATH"
 
-HOOK_TIMEOUT: Final = 30.0
-"""Seconds a runtime hook (``apply_platform_config``, ``on_dead_letter``, ``on_stop``) may
-take before it is cancelled."""
-
 
 def _parse_url(name: str, value: object, schemes: tuple[str, ...], what: str) -> None:
     if not isinstance(value, str) or not value:
@@ -134,6 +130,18 @@ class GatewayConfig:
         max_forks: the fork cap of the default routing strategy.
         ack_dead_letters: ack dead-lettered events (so the platform stops
             redelivering them); ``False`` leaves them pending.
+        outage_poll_interval: seconds between reconciliation passes while the
+            WebSocket is not connected (an outage degrades to polling the dispatch
+            queue over REST).
+        max_body_chars: longest message text (or task description) handed to a turn;
+            a longer one is cut, with a visible marker and a WARNING.
+        cancel_grace: seconds a cancelled turn may take to end. At shutdown a turn
+            still running after it is abandoned (``start()`` returns anyway); after a
+            ``turn_timeout`` its session keeps waiting for it (one turn per session),
+            and an ERROR names the chat.
+        hook_timeout: seconds a runtime hook (``apply_platform_config``,
+            ``release_session``, ``on_dead_letter``, ``on_stop``) may take before it is
+            cancelled.
         state_path: a SQLite file that keeps what must survive a restart
             (``PRLL_STATE_PATH``): the turn journal, retries, acks owed, ``last_seq``.
             ``None`` keeps it in memory (a restart forgets it). A ``store`` given to
@@ -161,6 +169,12 @@ class GatewayConfig:
     state_path: str | None = attrs.field(
         default=None, kw_only=True, converter=_path_text, validator=_optional_path
     )
+    outage_poll_interval: float = attrs.field(
+        default=5.0, kw_only=True, validator=_positive_duration
+    )
+    max_body_chars: int = attrs.field(default=100_000, kw_only=True, validator=_count(1))
+    cancel_grace: float = attrs.field(default=5.0, kw_only=True, validator=_duration)
+    hook_timeout: float = attrs.field(default=30.0, kw_only=True, validator=_positive_duration)
 
     @property
     def main_session_key(self) -> str:

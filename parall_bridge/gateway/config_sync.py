@@ -10,7 +10,6 @@ from .._tasks import TaskSet
 from ..client import ParallClient
 from ..errors import ParallError
 from ..runtime import AgentRuntime
-from .config import HOOK_TIMEOUT
 
 __all__ = ["ConfigSync"]
 
@@ -25,12 +24,20 @@ class ConfigSync:
         org_id: the organisation.
         agent_id: the agent's user id.
         runtime: the host's runtime.
+        hook_timeout: seconds ``apply_platform_config`` may take.
     """
 
     def __init__(
-        self, client: ParallClient, org_id: str, agent_id: str, runtime: AgentRuntime
+        self,
+        client: ParallClient,
+        org_id: str,
+        agent_id: str,
+        runtime: AgentRuntime,
+        *,
+        hook_timeout: float,
     ) -> None:
         self._client = client
+        self._hook_timeout = hook_timeout
         self._org_id = org_id
         self._agent_id = agent_id
         self._runtime = runtime
@@ -43,7 +50,7 @@ class ConfigSync:
         """Fetch the platform config and hand it to the runtime; failures are logged."""
         try:
             config = await self._client.get_agent_config(self._org_id, self._agent_id)
-            async with asyncio.timeout(HOOK_TIMEOUT):
+            async with asyncio.timeout(self._hook_timeout):
                 await self._runtime.apply_platform_config(config)
             _log.info("platform config version %d applied", config.version)
         except (ParallError, TimeoutError) as exc:

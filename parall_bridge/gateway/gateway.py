@@ -92,6 +92,10 @@ class GatewayStats:
             retry).
         store: what keeps the state (``memory``, or the SQLite file).
         store_writes, store_failures: transactions written to the store, and failed.
+        running: one mapping per turn whose ``run_turn`` has not ended, oldest first:
+            ``chat_id``, ``task_id``, ``session_key``, ``age`` (seconds), ``overdue``
+            (past ``turn_timeout``), ``ignored_cancellation`` (still running
+            ``cancel_grace`` after it was cancelled: stuck in the host's code).
     """
 
     ledger: Mapping[str, int]
@@ -114,6 +118,7 @@ class GatewayStats:
     store: str = "memory"
     store_writes: int = 0
     store_failures: int = 0
+    running: tuple[Mapping[str, Any], ...] = ()
 
 
 class Gateway:
@@ -267,6 +272,7 @@ class Gateway:
             store=self._store.description,
             store_writes=supervisor.persister.writes,
             store_failures=supervisor.persister.failures,
+            running=turns.running(),
         )
 
     async def feed(self, frame_type: str, payload: Any) -> bool:
@@ -471,11 +477,15 @@ class Gateway:
             org_id=config.org_id,
             agent_id=agent_id,
             turn_timeout=config.turn_timeout,
+            cancel_grace=config.cancel_grace,
+            hook_timeout=config.hook_timeout,
             on_retry=retry_wake.set,
             clock=self._clock,
         )
         board = Board(ledger, self._routing, SessionRef(config.main_session_key), config.max_forks)
-        lanes = Lanes(board=board, turns=turns, runtime=self._runtime)
+        lanes = Lanes(
+            board=board, turns=turns, runtime=self._runtime, release_timeout=config.hook_timeout
+        )
         chats = ChatCache(client, config.org_id)
         sources = Sources(
             client=client,
@@ -486,6 +496,8 @@ class Gateway:
             writer=writer,
             chats=chats,
             clock=self._clock,
+            dead_letter=turns.dead_letter,
+            max_body_chars=config.max_body_chars,
         )
         reconciler = Reconciler(
             client=client,
@@ -493,6 +505,8 @@ class Gateway:
             sources=sources,
             next_retry_at=ledger.next_retry_at,
             interval=config.reconcile_interval,
+            outage_interval=config.outage_poll_interval,
+            connected=lambda: ws.state is ConnectionState.CONNECTED,
             cold_start_window=config.cold_start_window,
             previous_heard=meta.last_heard_at,
             clock=self._clock,
@@ -500,7 +514,11 @@ class Gateway:
             ready=self._set_ready,
             wake=retry_wake,
         )
-        platform_config = ConfigSync(client, config.org_id, agent_id, self._runtime)
+        # Connected or not sets the reconciler's pace: it looks again at every change.
+        ws.on_state_change(lambda _: reconciler.poke())
+        platform_config = ConfigSync(
+            client, config.org_id, agent_id, self._runtime, hook_timeout=config.hook_timeout
+        )
 
         def heard() -> None:
             persister.heard()
@@ -529,6 +547,7 @@ class Gateway:
             persister=persister,
             backoff=self._backoff,
             shutdown_grace=config.shutdown_grace,
+            hook_timeout=config.hook_timeout,
             clock=self._clock,
             stop=self._request_stop,
             stop_event=self._stop,

@@ -158,6 +158,9 @@ class Intake:
             _log.info("connected; %d chats cached", count)
         except ParallError as exc:
             _log.warning("could not load the chats: %s", str(exc))
+        except Exception:
+            # Chats are fetched on demand anyway: this hello's catch-up must still run.
+            _log.exception("loading the chats failed")
         self._presence.restart_heartbeat(hello.session_id, self._ws.heartbeat_interval)
         self._reconciler.request(hello=True)
 

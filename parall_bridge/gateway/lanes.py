@@ -21,7 +21,6 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Sequence
-from typing import Final
 
 import attrs
 
@@ -35,9 +34,6 @@ from .turns import Turns
 __all__ = ["Board", "Lane", "LaneStats", "Lanes"]
 
 _log = logging.getLogger("parall_bridge.gateway.lanes")
-
-RELEASE_TIMEOUT: Final = 30.0
-"""Seconds ``release_session`` may take before it is cancelled."""
 
 
 @attrs.define(eq=False)
@@ -226,10 +222,14 @@ class Lanes:
         board: the queues and routing.
         turns: runs the turns.
         runtime: the host's runtime (forks are made and released through it).
+        release_timeout: seconds ``release_session`` may take before it is cancelled.
     """
 
-    def __init__(self, *, board: Board, turns: Turns, runtime: AgentRuntime) -> None:
+    def __init__(
+        self, *, board: Board, turns: Turns, runtime: AgentRuntime, release_timeout: float
+    ) -> None:
         self.board = board
+        self._release_timeout = release_timeout
         self._turns = turns
         self._runtime = runtime
         self._fork_results: list[ForkResult] = []
@@ -395,9 +395,9 @@ class Lanes:
         release = self._hooks.spawn(
             self._runtime.release_session(child, outcome), name="parall-release-session"
         )
-        done, _ = await asyncio.wait({release}, timeout=RELEASE_TIMEOUT)
+        done, _ = await asyncio.wait({release}, timeout=self._release_timeout)
         if not done:
-            _log.warning("release_session took over %.0f s: cancelled", RELEASE_TIMEOUT)
+            _log.warning("release_session took over %.0f s: cancelled", self._release_timeout)
             release.cancel()
             await asyncio.gather(release, return_exceptions=True)
         if self._fork_results:
@@ -415,4 +415,4 @@ class Lanes:
         await self._workers.cancel()
         self.board.clear()
         self._resumed.clear()
-        await self._hooks.close(grace=RELEASE_TIMEOUT)
+        await self._hooks.close(grace=self._release_timeout)

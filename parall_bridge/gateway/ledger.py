@@ -190,12 +190,15 @@ class Failure:
         dead: the events that were given up on now.
         acks: the acks that settle them (when dead letters are acked).
         retrying: some of the turn's events wait for a retry.
+        split: the turn's events were split in two halves, each retried at once as a
+            turn of its own (no attempt counted).
     """
 
     attempts: int = 0
     dead: tuple[ParallEvent, ...] = ()
     acks: tuple[AckPlan, ...] = ()
     retrying: bool = False
+    split: bool = False
 
 
 @attrs.frozen
@@ -416,6 +419,43 @@ class Ledger:
         record.held = None
         return self._settle(record, WorkState.DONE)
 
+    def fetch_failed(
+        self,
+        key: str,
+        error: str,
+        *,
+        source_type: str,
+        source_id: str,
+        origin: EventOrigin,
+        now: float,
+        dispatch_id: str | None = None,
+    ) -> Failure:
+        """A source could not be read for a reason that is not transient (too large, never
+        decodes): it counts an attempt, as a failed turn does, and waits its retry time
+        (its row is fetched again then, not on every pass), or goes dead at
+        ``max_attempts`` (the returned acks settle it when dead letters are acked).
+
+        The caller owns the record (it claimed it) or the ledger does not know it.
+        """
+        record = self._records.get(key)
+        if record is None:
+            record = Record(key=key, source_type=source_type, source_id=source_id, origin=origin)
+            self._insert(record)
+        elif record.state in (WorkState.QUEUED, WorkState.RUNNING):
+            raise RuntimeError(f"cannot fail the fetch of {key!r}: it is {record.state}")
+        if dispatch_id:
+            record.dispatch_ids.add(dispatch_id)
+        record.held = None
+        record.attempts += 1
+        record.last_error = error
+        if record.attempts >= self._max_attempts:
+            plan = self._dead(record)
+            return Failure(attempts=record.attempts, acks=(plan,) if plan else ())
+        record.state = WorkState.FAILED
+        record.next_attempt_at = now + self.retry_delay(record.attempts)
+        self._changed(record)
+        return Failure(attempts=record.attempts, retrying=True)
+
     def ack_row(self, dispatch_id: str) -> AckPlan:
         """The ack of one dispatch row that settles no record of its own (a late row of a
         settled or dead record, or a row whose source is gone)."""
@@ -513,9 +553,16 @@ class Ledger:
         running again (a pinned retry, or one resumed after a crash): an earlier run
         may have sent. When some of its events go dead, the others are unpinned (the
         turn cannot run as it was).
+
+        A coalesced turn that sent nothing counts no attempt: its events are split in
+        two halves, each pinned as a turn of its own and due at once, so a poison event
+        fails alone in the end (a single event's failure is its own) and never takes
+        an innocent one's attempts with it.
         """
         entry = self._end_turn(turn_id, keep=True)
         records = [self._records[key] for key in entry.keys if key in self._records]
+        if len(records) > 1 and not sent and entry.attempt == 1:
+            return self._split(entry, records, error, now=now)
         dead: list[ParallEvent] = []
         acks: list[AckPlan] = []
         attempts = 0
@@ -546,6 +593,33 @@ class Ledger:
             dead=tuple(dead),
             acks=tuple(plan for plan in acks if plan),
             retrying=bool(waiting),
+        )
+
+    def _split(
+        self, entry: TurnEntry, records: Sequence[Record], error: str, *, now: float
+    ) -> Failure:
+        self._drop_turn(entry)
+        half = len(records) // 2
+        for part in (records[:half], records[half:]):
+            keys = tuple(record.key for record in part)
+            self._order += 1
+            piece = TurnEntry(
+                turn_id=turn_id_of(keys),
+                keys=keys,
+                session_key=entry.session_key,
+                state=TurnState.PINNED,
+                order=self._order,
+            )
+            self._turns[piece.turn_id] = piece
+            self._turn_changed(piece)
+            for record in part:
+                record.state = WorkState.FAILED
+                record.last_error = error
+                record.next_attempt_at = now
+                record.turn_id = piece.turn_id
+                self._changed(record)
+        return Failure(
+            attempts=max(record.attempts for record in records), retrying=True, split=True
         )
 
     def turn_interrupted(self, turn_id: str, *, now: float) -> None:

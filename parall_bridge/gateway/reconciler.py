@@ -1,8 +1,10 @@
 """Reconciliation: catch-up passes over the dispatch queue, and retries when they fall due.
 
-A pass runs after every ``hello`` and on ``recovery.overflow`` (asked for by
-the intake), on a timer from the start (so a gateway whose WebSocket cannot
-connect still works over REST), and the ledger's failed events are
+A pass runs at once at start, before and independently of the WebSocket;
+after every ``hello`` and on ``recovery.overflow`` (asked for by the intake);
+and on a timer: every ``reconcile_interval`` while the WebSocket is connected,
+every ``outage_poll_interval`` while it is not, so an outage degrades to
+polling the dispatch queue over REST. The ledger's failed events are
 dispatched again as their retry times come.
 
 On the process's first pass, the cold-start rule settles, without a turn,
@@ -41,7 +43,10 @@ class Reconciler:
         org_id: the organisation.
         sources: handles each dispatch item and dispatches due retries.
         next_retry_at: when the ledger's next failed event falls due.
-        interval: seconds between timed passes (``reconcile_interval``).
+        interval: seconds between timed passes while connected (``reconcile_interval``).
+        outage_interval: seconds between timed passes while not connected
+            (``outage_poll_interval``).
+        connected: whether the WebSocket is connected now.
         cold_start_window: the cold-start rule's window (``None``: off).
         previous_heard: when the previous run last heard from the platform
             (seconds since the epoch), if a store knows it.
@@ -59,6 +64,8 @@ class Reconciler:
         sources: Sources,
         next_retry_at: Callable[[], float | None],
         interval: float,
+        outage_interval: float,
+        connected: Callable[[], bool],
         cold_start_window: float | None,
         previous_heard: float | None,
         clock: Callable[[], float],
@@ -71,13 +78,15 @@ class Reconciler:
         self._sources = sources
         self._next_retry_at = next_retry_at
         self._interval = interval
+        self._outage_interval = outage_interval
+        self._connected = connected
         self._window = cold_start_window
         self._previous_heard = previous_heard
         self._clock = clock
         self._heard = heard
         self._ready = ready
         self._wake = wake
-        self._requested = False
+        self._requested = True  # the first pass runs at once, before any hello
         self._hello_seen = False
         self._stopping = False
         self.passes = 0
@@ -98,11 +107,16 @@ class Reconciler:
         self._stopping = True
         self._wake.set()
 
+    def _next_interval(self) -> float:
+        return self._interval if self._connected() else self._outage_interval
+
     async def run(self) -> None:
-        """Catch-up after every hello and on overflow, on a timer from the start, and
-        retries of failed events when they fall due; until :meth:`stop`."""
-        next_pass = self._clock() + self._interval
+        """Catch-up at once, after every hello and on overflow, on a timer (shorter while
+        the WebSocket is down), and retries of failed events when they fall due; until
+        :meth:`stop`."""
+        last_pass = self._clock()
         while not self._stopping:
+            next_pass = last_pass + self._next_interval()
             wake_at = next_pass
             retry_at = self._next_retry_at()
             if retry_at is not None:
@@ -117,16 +131,16 @@ class Reconciler:
             if self._stopping:
                 return
             try:
-                if self._requested or self._clock() >= next_pass:
+                if self._requested or self._clock() >= last_pass + self._next_interval():
                     self._requested = False
                     await self.catch_up()
-                    next_pass = self._clock() + self._interval
+                    last_pass = self._clock()
                 self._sources.retry_due()
             except Exception:
                 # A bug must not end reconciliation for the rest of the run: the next
                 # pass (on the timer, or the next request) tries again.
                 _log.exception("reconciliation pass failed")
-                next_pass = self._clock() + self._interval
+                last_pass = self._clock()
 
     def _cutoff(self) -> datetime | None:
         """Items created before this are skipped on the first pass (cold start)."""
@@ -142,17 +156,25 @@ class Reconciler:
         """One pass over the pending dispatch items, oldest first."""
         cutoff = self._cutoff()
         items: list[DispatchItem] = []
+        complete = False
         try:
             # Listed fully before any is handled: acks during paging must not shift pages.
             async for item in self._client.iter_dispatch(
                 self._org_id, page_size=DISPATCH_PAGE_SIZE
             ):
                 items.append(item)
+            complete = True
         except ParallError as exc:
-            _log.warning("catch-up could not list the dispatch queue: %s", str(exc))
-            return
+            _log.warning(
+                "catch-up could not list the whole dispatch queue (%d item(s) listed): %s",
+                len(items),
+                str(exc),
+            )
+            if not items:
+                return
         self._heard()
-        self.passes += 1
+        if complete:
+            self.passes += 1
         outcomes: dict[ItemOutcome, int] = {}
         oldest: datetime | None = None
         for item in items:

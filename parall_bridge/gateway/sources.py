@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import attrs
 
 from ..client import ParallClient
-from ..errors import NotFoundError, ParallError
+from ..errors import (
+    NotFoundError,
+    ParallConnectionError,
+    ParallError,
+    RateLimitedError,
+    ServerError,
+)
 from ..events import EventAttachment, EventOrigin, ParallEvent
 from ..models import (
+    AgentStep,
     Chat,
     ChatType,
     ChatUpdate,
@@ -32,12 +39,15 @@ from ..models import (
     MessageType,
     RoutingMode,
     SourceType,
+    StepType,
+    TargetType,
     Task,
     TaskStatus,
     TextContent,
 )
 from .lanes import Lanes
 from .ledger import Claim, Ledger, Record, Verdict
+from .turns import ERROR_MESSAGE_LIMIT
 from .writer import PlatformWriter
 
 __all__ = ["ChatCache", "ItemOutcome", "Sources"]
@@ -102,6 +112,7 @@ class ItemOutcome(enum.Enum):
     ACKED = "acked"
     SKIPPED_OLD = "skipped_old"
     LEFT_PENDING = "left_pending"
+    UNREADABLE = "unreadable"
 
 
 @attrs.frozen
@@ -124,8 +135,12 @@ class Sources:
         writer: PlatformWriter,
         chats: ChatCache,
         clock: Callable[[], float],
+        dead_letter: Callable[[Sequence[ParallEvent], BaseException, int], None],
+        max_body_chars: int = 100_000,
     ) -> None:
+        self._dead_letter = dead_letter
         self._client = client
+        self._max_body_chars = max_body_chars
         self._org_id = org_id
         self._agent_id = agent_id
         self._ledger = ledger
@@ -181,6 +196,11 @@ class Sources:
                 "cannot resolve chat %s, skipping %s: %s", message.chat_id, message.id, str(exc)
             )
             return False
+        if chat.org_id is not None and chat.org_id != self._org_id:
+            _log.warning(
+                "skipping message %s of a chat of another org (%s)", message.id, chat.org_id
+            )
+            return False
         if not self._handled_live(message, chat):
             # Not for the live path; if the platform routes it anyway (smart mode),
             # dispatch.new or catch-up brings it back.
@@ -206,10 +226,13 @@ class Sources:
         return False
 
     async def on_task(self, task: Task) -> bool:
-        """A ``task.assigned``: returns whether it was routed."""
-        if task.assignee_id != self._agent_id or task.status not in DISPATCHABLE_TASK_STATUSES:
+        """A ``task.assigned``: returns whether it was routed. Only a task of this org,
+        assigned to this agent, to do or in progress, is."""
+        if not self._ours(task):
             return False
-        event = ParallEvent.task(task, origin=EventOrigin.LIVE)
+        if task.status not in DISPATCHABLE_TASK_STATUSES:
+            return False
+        event = self._task_event(task, EventOrigin.LIVE, None)
         claim = self._claim(event.key, SourceType.TASK_ACTIVITY, task.id, EventOrigin.LIVE)
         if not claim.claimed:
             _log.info("skipping already-dispatched task %s", task.identifier or task.id)
@@ -281,6 +304,8 @@ class Sources:
             _log.info("message %s is gone: acking its dispatch item", message_id)
             return self._dismiss(item, message_id, origin)
         except ParallError as exc:
+            if not _transient(exc):
+                return self._unreadable(item, message_id, SourceType.MESSAGE, origin, exc)
             _log.warning("cannot fetch message %s, leaving it pending: %s", message_id, str(exc))
             return ItemOutcome.LEFT_PENDING
         if message.sender_id == self._agent_id:
@@ -295,6 +320,60 @@ class Sources:
             return self._dismiss(item, message_id, origin)
         self._submit(event)
         return ItemOutcome.DISPATCHED
+
+    def _unreadable(
+        self,
+        item: DispatchItem,
+        key: str,
+        source_type: str,
+        origin: EventOrigin,
+        error: ParallError,
+    ) -> ItemOutcome:
+        """A source that cannot be read for a reason that is not transient (too large,
+        never decodes): it counts an attempt in the ledger, as a failed turn does, and is
+        dead-lettered at ``max_dispatch_attempts``, instead of being fetched on every pass."""
+        text = f"{type(error).__name__}: {error}"[:ERROR_MESSAGE_LIMIT]
+        failure = self._ledger.fetch_failed(
+            key,
+            text,
+            source_type=source_type,
+            source_id=item.source_id or key,
+            origin=origin,
+            now=self._clock(),
+            dispatch_id=item.id,
+        )
+        target_type, target_id = (
+            (TargetType.CHAT, item.chat_id) if item.chat_id else (TargetType.TASK, item.task_id)
+        )
+        self._writer.step(
+            AgentStep(
+                step_type=StepType.ERROR,
+                target_type=target_type,
+                target_id=target_id,
+                content={"message": f"cannot read {key}: {text}", "attempts": failure.attempts},
+            )
+        )
+        _log.warning(
+            "cannot read %s (attempt %d of %d): %s",
+            key,
+            failure.attempts,
+            self._ledger.max_attempts,
+            text,
+        )
+        for plan in failure.acks:
+            self._writer.ack(plan)
+        if not failure.retrying:
+            placeholder = ParallEvent.message(
+                chat_id=item.chat_id or "",
+                message_id=key,
+                sender_id="",
+                sender_name="unknown",
+                text=f"[unreadable: {text}]",
+                origin=origin,
+                dispatch_id=item.id,
+            )
+            self._dead_letter((placeholder,), error, failure.attempts)
+        return ItemOutcome.UNREADABLE
 
     def _dismiss(self, item: DispatchItem, message_id: str, origin: EventOrigin) -> ItemOutcome:
         """A claimed message that needs no turn: the ledger settles it (so a later row of
@@ -322,17 +401,20 @@ class Sources:
             self._writer.ack(self._ledger.ack_row(item.id))
             return ItemOutcome.ACKED
         except ParallError as exc:
+            if not _transient(exc):
+                # Which assignment it is cannot be known: the task's unversioned key.
+                key = f"{task_id}@"
+                return self._unreadable(item, key, SourceType.TASK_ACTIVITY, origin, exc)
             _log.warning("cannot fetch task %s, leaving it pending: %s", task_id, str(exc))
             return ItemOutcome.LEFT_PENDING
-        if task.assignee_id != self._agent_id:
-            _log.info("skipping stale task dispatch %s: reassigned", item.id)
+        if not self._ours(task):
             self._writer.ack(self._ledger.ack_row(item.id))
             return ItemOutcome.ACKED
         if task.status not in DISPATCHABLE_TASK_STATUSES:
             _log.info("skipping task dispatch %s: the task is %s", item.id, task.status)
             self._writer.ack(self._ledger.ack_row(item.id))
             return ItemOutcome.ACKED
-        event = ParallEvent.task(task, origin=origin, dispatch_id=item.id)
+        event = self._task_event(task, origin, item.id)
         claim = self._claim(event.key, SourceType.TASK_ACTIVITY, task.id, origin, item.id)
         if not claim.claimed:
             return self._settle_unclaimed(claim.verdict, item)
@@ -359,6 +441,33 @@ class Sources:
 
     # --- building events -------------------------------------------------------------------
 
+    def _ours(self, task: Task) -> bool:
+        """Whether a task is this agent's in this org (else it is logged and skipped)."""
+        if task.org_id is not None and task.org_id != self._org_id:
+            _log.warning(
+                "skipping task %s of another org (%s): not dispatched", task.id, task.org_id
+            )
+            return False
+        if task.assignee_id != self._agent_id:
+            _log.info("skipping task %s: assigned to %s, not this agent", task.id, task.assignee_id)
+            return False
+        return True
+
+    def _task_event(self, task: Task, origin: EventOrigin, dispatch_id: str | None) -> ParallEvent:
+        if task.description is not None:
+            task = attrs.evolve(task, description=self._bounded(task.description, task.id))
+        return ParallEvent.task(task, origin=origin, dispatch_id=dispatch_id)
+
+    def _bounded(self, text: str, source_id: str) -> str:
+        """``text`` cut to ``max_body_chars``, with a visible marker (and a WARNING)."""
+        limit = self._max_body_chars
+        if len(text) <= limit:
+            return text
+        _log.warning(
+            "%s has %d characters: only the first %d reach the turn", source_id, len(text), limit
+        )
+        return text[:limit] + f"\n[... truncated: {len(text) - limit} more characters]"
+
     async def _message_event(
         self, message: Message, chat: Chat, origin: EventOrigin, dispatch_id: str | None
     ) -> ParallEvent | None:
@@ -367,11 +476,14 @@ class Sources:
         attachments: list[EventAttachment] = []
         seen: set[str] = set()
         if message.message_type == MessageType.TEXT and isinstance(content, TextContent):
-            text = content.text.strip()
+            text = self._bounded(content.text.strip(), message.id)
             if not text:
                 return None
         elif message.message_type == MessageType.FILE and isinstance(content, MediaContent):
-            text = (content.caption or "").strip() or f"[file: {content.file_name or 'attachment'}]"
+            text = self._bounded(
+                (content.caption or "").strip() or f"[file: {content.file_name or 'attachment'}]",
+                message.id,
+            )
             if content.attachment_id:
                 seen.add(content.attachment_id)
                 url = await self._file_url(content.attachment_id)
@@ -416,3 +528,8 @@ class Sources:
         except ParallError as exc:
             _log.warning("cannot get a URL for attachment %s: %s", attachment_id, str(exc))
             return None
+
+
+def _transient(error: ParallError) -> bool:
+    """Whether a failed fetch may succeed later by itself (an outage, not a refusal)."""
+    return isinstance(error, ServerError | RateLimitedError | ParallConnectionError)

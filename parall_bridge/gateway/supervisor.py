@@ -26,7 +26,6 @@ from ..errors import (
 from ..models import AgentSessionStatus
 from ..runtime import AgentRuntime
 from ..ws import Backoff, ParallWs
-from .config import HOOK_TIMEOUT
 from .config_sync import ConfigSync
 from .intake import Intake
 from .lanes import Lanes
@@ -66,6 +65,7 @@ class Supervisor:
         persister: the state store's writer.
         backoff: delays between connection attempts.
         shutdown_grace: seconds running turns get at shutdown.
+        hook_timeout: seconds ``on_stop`` may take.
         clock: the ledger's clock.
         stop: asks the gateway to stop (with the fatal error, if any).
         stop_event: set once a stop was asked for.
@@ -87,6 +87,7 @@ class Supervisor:
         persister: Persister,
         backoff: Backoff,
         shutdown_grace: float,
+        hook_timeout: float,
         clock: Callable[[], float],
         stop: Callable[[BaseException | None], None],
         stop_event: asyncio.Event,
@@ -104,6 +105,7 @@ class Supervisor:
         self.persister = persister
         self._backoff = backoff
         self._grace = shutdown_grace
+        self._hook_timeout = hook_timeout
         self._clock = clock
         self._request_stop = stop
         self._stop_event = stop_event
@@ -177,7 +179,7 @@ class Supervisor:
         self.persister.set_session(None)  # shut down: nothing to mark completed at start
         await self.persister.close(STORE_TIMEOUT)
         try:
-            async with asyncio.timeout(HOOK_TIMEOUT):
+            async with asyncio.timeout(self._hook_timeout):
                 await self._runtime.on_stop()
         except Exception:
             _log.exception("on_stop failed")

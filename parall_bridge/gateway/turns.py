@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -26,23 +26,17 @@ from ..client import ParallClient
 from ..events import ParallEvent
 from ..models import AgentSessionStatus, AgentStep, StepType
 from ..runtime import AgentRuntime, SessionRef, Turn, step_target
-from .config import HOOK_TIMEOUT
 from .ledger import Ledger, TurnEntry
 from .persist import Persister
 from .presence import Presence
 from .writer import PlatformWriter
 
-__all__ = ["TurnOutcome", "TurnRun", "TurnStats", "Turns"]
+__all__ = ["RunningTurn", "TurnOutcome", "TurnRun", "TurnStats", "Turns"]
 
 _log = logging.getLogger("parall_bridge.gateway.turns")
 
 ERROR_MESSAGE_LIMIT: Final = 500
 """Characters of an exception's text kept in an error step."""
-TURN_CANCEL_TIMEOUT: Final = 5.0
-"""Seconds a cancelled turn may take to end before an ERROR is logged. A timed-out
-``run_turn`` that swallows its cancellation still keeps its session (and chat) until it
-ends, since a session never runs two turns at once; at shutdown it is abandoned after
-this, so shutdown never waits for it forever."""
 
 
 @attrs.define
@@ -53,6 +47,36 @@ class TurnStats:
     turns_succeeded: int = 0
     turns_failed: int = 0
     turns_cancelled: int = 0
+
+
+@attrs.define
+class RunningTurn:
+    """A turn whose ``run_turn`` has not ended, for :attr:`GatewayStats.running`."""
+
+    turn_id: str
+    chat_id: str | None
+    task_id: str | None
+    session_key: str
+    started: float
+    cancelled_at: float | None = None
+
+    def snapshot(self, now: float, turn_timeout: float, cancel_grace: float) -> dict[str, Any]:
+        """``chat_id``, ``task_id``, ``session_key``, ``age`` (seconds), ``overdue`` (past
+        ``turn_timeout``) and ``ignored_cancellation`` (still running ``cancel_grace``
+        after it was cancelled)."""
+        return {
+            "chat_id": self.chat_id,
+            "task_id": self.task_id,
+            "session_key": self.session_key,
+            "age": now - self.started,
+            "overdue": now - self.started > turn_timeout,
+            "ignored_cancellation": self.cancelled_at is not None
+            and now - self.cancelled_at >= cancel_grace,
+        }
+
+    def where(self) -> str:
+        """The chat or task it is for, for log lines."""
+        return self.chat_id or self.task_id or "the orchestrator"
 
 
 @attrs.frozen
@@ -136,6 +160,9 @@ class Turns:
         org_id: the organisation.
         agent_id: the agent's user id.
         turn_timeout: seconds a turn may run before it is cancelled (a failure).
+        cancel_grace: seconds a cancelled turn may take to end before it is reported
+            (after a timeout) or abandoned (at shutdown).
+        hook_timeout: seconds ``on_dead_letter`` may take.
         on_retry: called when a failed turn left events waiting for a retry.
         clock: the ledger's clock.
     """
@@ -152,6 +179,8 @@ class Turns:
         org_id: str,
         agent_id: str,
         turn_timeout: float,
+        cancel_grace: float,
+        hook_timeout: float,
         on_retry: Callable[[], None],
         clock: Callable[[], float],
     ) -> None:
@@ -164,10 +193,12 @@ class Turns:
         self.org_id = org_id
         self.agent_id = agent_id
         self.turn_timeout = turn_timeout
+        self.cancel_grace = cancel_grace
+        self.hook_timeout = hook_timeout
         self._on_retry = on_retry
         self._clock = clock
         self._hooks = TaskSet(_log)
-        self._tasks: set[asyncio.Task[str | None]] = set()
+        self._tasks: dict[asyncio.Task[str | None], RunningTurn] = {}
         self.active = 0
         self.stats = TurnStats()
 
@@ -213,11 +244,12 @@ class Turns:
         child = asyncio.get_running_loop().create_task(
             self.runtime.run_turn(turn), name="parall-turn"
         )
-        self._tasks.add(child)
-        child.add_done_callback(self._tasks.discard)
+        running = RunningTurn(entry.turn_id, turn.chat_id, turn.task_id, session.key, self._clock())
+        self._tasks[child] = running
+        child.add_done_callback(self._forget)
         self._begin(turn, entry)
         try:
-            reply = await self._run_bounded(child)
+            reply = await self._run_bounded(child, running)
         except asyncio.CancelledError:
             # Shutdown cancelled the lane (the turn itself was stopped by _run_bounded).
             run.abandon(turn)
@@ -239,9 +271,24 @@ class Turns:
         finally:
             self._end(turn)
 
-    async def _run_bounded(self, child: asyncio.Task[str | None]) -> str | None:
+    def _forget(self, child: asyncio.Task[str | None]) -> None:
+        self._tasks.pop(child, None)
+
+    def running(self) -> tuple[dict[str, Any], ...]:
+        """A snapshot of every turn whose ``run_turn`` has not ended (see
+        :meth:`RunningTurn.snapshot`), oldest first; an abandoned one stays until it ends."""
+        now = self._clock()
+        return tuple(
+            turn.snapshot(now, self.turn_timeout, self.cancel_grace)
+            for turn in sorted(self._tasks.values(), key=lambda turn: turn.started)
+        )
+
+    async def _run_bounded(
+        self, child: asyncio.Task[str | None], running: RunningTurn
+    ) -> str | None:
         """Await a turn's task (``run_turn`` runs in a task of its own, so that the turn
         timeout and shutdown do not depend on the host letting a cancellation through).
+        A turn still running at half its timeout is logged (WARNING).
 
         Raises:
             TimeoutError: the turn ran past ``turn_timeout`` (it was cancelled, and has
@@ -249,30 +296,44 @@ class Turns:
             RuntimeError: ``run_turn`` raised ``CancelledError`` although nobody cancelled
                 it (the host's own cancellation escaped).
         """
+        half = self.turn_timeout / 2
         try:
-            done, _ = await asyncio.wait({child}, timeout=self.turn_timeout)
+            done, _ = await asyncio.wait({child}, timeout=half)
+            if not done:
+                _log.warning(
+                    "turn %s for %s is still running after %.0f s, half its turn_timeout",
+                    running.turn_id,
+                    running.where(),
+                    half,
+                )
+                done, _ = await asyncio.wait({child}, timeout=self.turn_timeout - half)
         except asyncio.CancelledError:
-            await self._stop_turn(child, until_ended=False)
+            await self._stop_turn(child, running, until_ended=False)
             raise
         if not done:
-            await self._stop_turn(child, until_ended=True)
+            await self._stop_turn(child, running, until_ended=True)
             raise TimeoutError
         if child.cancelled():
             raise RuntimeError("run_turn raised CancelledError")
         return child.result()
 
-    async def _stop_turn(self, child: asyncio.Task[str | None], *, until_ended: bool) -> None:
+    async def _stop_turn(
+        self, child: asyncio.Task[str | None], running: RunningTurn, *, until_ended: bool
+    ) -> None:
         """Cancel a turn and wait for it to end: for good when ``until_ended`` (its session
-        must not run another turn meanwhile), else up to :data:`TURN_CANCEL_TIMEOUT`
-        (shutdown, which :meth:`close` finishes). Logs a turn that ignores it."""
+        must not run another turn meanwhile), else up to ``cancel_grace`` (shutdown, which
+        :meth:`close` finishes). Logs a turn that ignores it, naming its chat."""
+        running.cancelled_at = self._clock()
         child.cancel()
         try:
-            await asyncio.wait({child}, timeout=TURN_CANCEL_TIMEOUT)
+            await asyncio.wait({child}, timeout=self.cancel_grace)
             if not child.done():
                 _log.error(
-                    "run_turn ignored its cancellation for %g s (let CancelledError "
+                    "turn %s for %s ignored its cancellation for %g s (let CancelledError "
                     "propagate out of run_turn); %s",
-                    TURN_CANCEL_TIMEOUT,
+                    running.turn_id,
+                    running.where(),
+                    self.cancel_grace,
                     "its session waits for it to end" if until_ended else "abandoning it",
                 )
                 if until_ended:
@@ -341,7 +402,16 @@ class Turns:
                 group_key=turn.group_key,
             )
         )
-        if entry.keys:
+        if failure.split:
+            _log.warning(
+                "turn %s for %s failed: %s; its %d events are tried again in two halves, "
+                "so a poison event fails alone",
+                entry.turn_id,
+                turn.event.target_id,
+                message,
+                len(entry.keys),
+            )
+        elif entry.keys:
             _log.warning(
                 "turn %s for %s failed (attempt %d): %s",
                 entry.turn_id,
@@ -372,7 +442,7 @@ class Turns:
 
     async def _call_dead_letter(self, events: Sequence[ParallEvent], error: BaseException) -> None:
         try:
-            async with asyncio.timeout(HOOK_TIMEOUT):
+            async with asyncio.timeout(self.hook_timeout):
                 await self.runtime.on_dead_letter(list(events), error)
         except Exception:
             _log.exception("on_dead_letter failed")
@@ -383,13 +453,18 @@ class Turns:
         await self._hooks.close(grace=grace)
         left = [child for child in self._tasks if not child.done()]
         if left:
+            now = self._clock()
             for child in left:
+                self._tasks[child].cancelled_at = now
                 child.cancel()
-            await asyncio.wait(left, timeout=TURN_CANCEL_TIMEOUT)
+            await asyncio.wait(left, timeout=self.cancel_grace)
             if still := [child for child in left if not child.done()]:
                 _log.error(
-                    "shutdown: abandoning %d turn(s) that ignore their cancellation",
+                    "shutdown: abandoning %d turn(s) that ignore their cancellation, for %s",
                     len(still),
+                    ", ".join(
+                        self._tasks[child].where() for child in still if child in self._tasks
+                    ),
                 )
 
 

@@ -31,9 +31,9 @@ __all__ = ["PlatformWriter", "WriterStats"]
 _log = logging.getLogger("parall_bridge.gateway.writer")
 
 QUEUE_LIMIT: Final = 10_000
-"""Most steps waiting in the ordered queue; past it new steps are dropped (counted in
-:attr:`WriterStats.dropped` and logged), so what is written stays an ordered prefix.
-Status changes are never dropped (there are at most two per turn)."""
+"""Most steps waiting in the ordered queue by default; past it new steps are dropped
+(counted in :attr:`WriterStats.dropped` and logged), so what is written stays an ordered
+prefix. Status changes are never dropped (there are at most two per turn)."""
 
 
 @attrs.frozen
@@ -72,6 +72,7 @@ class PlatformWriter:
         ledger: the ledger whose ack plans it sends (told when they went out).
         durable: waits until the ledger is durable up to a version (the state
             store's persister); by default nothing is waited for.
+        queue_limit: most steps waiting to be written (:data:`QUEUE_LIMIT`).
     """
 
     def __init__(
@@ -82,8 +83,10 @@ class PlatformWriter:
         *,
         ledger: Ledger,
         durable: Callable[[int], Awaitable[None]] = _no_wait,
+        queue_limit: int = QUEUE_LIMIT,
     ) -> None:
         self._client = client
+        self._queue_limit = queue_limit
         self._org_id = org_id
         self._agent_id = agent_id
         self._ledger = ledger
@@ -127,10 +130,12 @@ class PlatformWriter:
         if self._queue is None:
             _log.debug("writer not started: dropping a %s", type(item).__name__)
             return
-        if isinstance(item, _Step) and self._queue.qsize() >= QUEUE_LIMIT:
+        if isinstance(item, _Step) and self._queue.qsize() >= self._queue_limit:
             self.stats.dropped += 1
             _log.warning(
-                "step queue full (%d): dropping a %s step", QUEUE_LIMIT, item.step.step_type
+                "step queue full (%d): dropping a %s step",
+                self._queue_limit,
+                item.step.step_type,
             )
             return
         self._queue.put_nowait(item)
@@ -212,6 +217,9 @@ class PlatformWriter:
             # ledger (which knows the work is done) acks it by id then.
             self.stats.acks_failed += 1
             _log.warning("ack failed, left to reconciliation: %s", str(exc))
+        except Exception:  # a bug must not lose more than this ack: the same fallback
+            self.stats.acks_failed += 1
+            _log.exception("ack failed, left to reconciliation")
 
     async def _mark_received(self, source_type: str, source_id: str) -> None:
         try:

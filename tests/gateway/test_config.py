@@ -55,6 +55,10 @@ def test_defaults_as_in_the_design() -> None:
     assert config.max_forks == 4
     assert config.ack_dead_letters is True
     assert config.state_path is None  # in memory unless told
+    assert config.outage_poll_interval == 5.0
+    assert config.max_body_chars == 100_000
+    assert config.cancel_grace == 5.0
+    assert config.hook_timeout == 30.0
 
 
 def test_three_positional_fields_then_keyword_only() -> None:
@@ -428,3 +432,17 @@ def test_zero_where_a_positive_duration_is_needed_says_positive() -> None:
 def test_ack_dead_letters_must_be_a_bool(value: object) -> None:
     with pytest.raises(ConfigurationError, match="ack_dead_letters must be True or False"):
         GatewayConfig("https://a.test", "pk_x", "org_1", ack_dead_letters=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("outage_poll_interval", 0, "positive"),
+        ("hook_timeout", 0, "positive"),
+        ("cancel_grace", -1, "non-negative"),
+        ("max_body_chars", 0, "integer >= 1"),
+    ],
+)
+def test_the_hardening_settings_are_checked(name: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"{name} must be .*{message}"):
+        make(**{name: value})

@@ -7,21 +7,21 @@ the code as it was before its fix."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import datetime
 from typing import Any, cast
 
 import pytest
 
-from parall_bridge import DispatchItem, EventOrigin, StepType
+from parall_bridge import DispatchItem, EventOrigin, ProtocolError, StepType
 from parall_bridge import protocol as p
-from parall_bridge.gateway import turns as turns_module
 from parall_bridge.gateway.sources import ItemOutcome, Sources
 from parall_bridge.models import Chat, User
 from parall_bridge.runtime import ForkOutcome, SessionRef, Turn
 from parall_bridge.testing import AgentAccount, FakeParallServer
 from parall_bridge.ws import ConnectionState
 
-from ._harness import ScriptedRuntime, running
+from ._harness import Gate, ScriptedRuntime, running
 
 
 @pytest.mark.asyncio
@@ -154,11 +154,12 @@ async def test_an_unexpected_error_on_one_item_does_not_stop_catch_up(
 
     monkeypatch.setattr(Sources, "on_item", on_item)
     runtime = ScriptedRuntime()
-    async with running(server, agent, runtime) as run:
-        await run.wait_for(lambda: runtime.texts() == [["second"]])
-        await run.gateway.feed(p.FRAME_RECOVERY_OVERFLOW, {})  # the next pass
+    async with running(server, agent, runtime, ready=False) as run:
+        # The first pass (at start) meets the bug on "first" and still runs "second"; a
+        # later pass (the one after hello) runs "first".
         await run.wait_for(lambda: runtime.texts() == [["second"], ["first"]])
         await run.wait_for(lambda: not run.pending())  # the ack goes out in the background
+    assert broken == []  # the bug was met
 
 
 @pytest.mark.asyncio
@@ -273,16 +274,14 @@ async def test_a_timed_out_turn_that_swallows_its_cancellation_keeps_its_session
     agent: AgentAccount,
     ada: User,
     room: Chat,
-    monkeypatch: pytest.MonkeyPatch,
     all_logs: pytest.LogCaptureFixture,
 ) -> None:
     """At most one run_turn per session (DESIGN 4): the next turn of the chat waits for the
     stubborn one to end; then the timeout is recorded and the lane goes on."""
-    monkeypatch.setattr(turns_module, "TURN_CANCEL_TIMEOUT", 0.2)
     stubborn = Stubborn(swallow=100)
     runtime = ScriptedRuntime(stubborn)
     try:
-        async with running(server, agent, runtime, turn_timeout=0.3) as run:
+        async with running(server, agent, runtime, turn_timeout=0.3, cancel_grace=0.2) as run:
             server.post_message(room.id, ada.id, "stubborn")
             server.post_message(room.id, ada.id, "next")
             await run.wait_for(
@@ -303,9 +302,8 @@ async def test_a_timed_out_turn_that_swallows_its_cancellation_keeps_its_session
 
 @pytest.mark.asyncio
 async def test_a_fork_is_released_only_after_its_stubborn_turn_ended(
-    server: FakeParallServer, agent: AgentAccount, monkeypatch: pytest.MonkeyPatch
+    server: FakeParallServer, agent: AgentAccount
 ) -> None:
-    monkeypatch.setattr(turns_module, "TURN_CANCEL_TIMEOUT", 0.2)
     ada = server.add_user("Ada")
     first = server.add_chat(type="direct", members=[ada.id, agent.user_id])
     second = server.add_chat(
@@ -328,7 +326,7 @@ async def test_a_fork_is_released_only_after_its_stubborn_turn_ended(
 
     runtime = Recorder(behaviour)
     try:
-        async with running(server, agent, runtime, turn_timeout=0.3) as run:
+        async with running(server, agent, runtime, turn_timeout=0.3, cancel_grace=0.2) as run:
             server.post_message(first.id, ada.id, "main work")
             await run.wait_for(lambda: len(runtime.turns) == 1)
             server.post_message(second.id, ada.id, "stubborn")  # main busy: a fork
@@ -349,13 +347,13 @@ async def test_shutdown_while_a_timed_out_turn_is_being_stopped_leaves_nothing_r
     agent: AgentAccount,
     ada: User,
     room: Chat,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(turns_module, "TURN_CANCEL_TIMEOUT", 3.0)
     stubborn = Stubborn(swallow=1)  # a second cancellation ends it
     runtime = ScriptedRuntime(stubborn)
     try:
-        async with running(server, agent, runtime, turn_timeout=0.3, shutdown_grace=0.1) as run:
+        async with running(
+            server, agent, runtime, turn_timeout=0.3, shutdown_grace=0.1, cancel_grace=3.0
+        ) as run:
             server.post_message(room.id, ada.id, "stubborn")
             await run.wait_for(lambda: stubborn.swallowed == 1)  # timed out, being stopped
             await asyncio.wait_for(run.stop(), 5.0)  # the harness checks no task is left
@@ -388,12 +386,10 @@ async def test_shutdown_does_not_wait_forever_for_a_turn_that_swallows_its_cance
     agent: AgentAccount,
     ada: User,
     room: Chat,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(turns_module, "TURN_CANCEL_TIMEOUT", 0.2)
     stubborn = Stubborn(swallow=1)
     runtime = ScriptedRuntime(stubborn)
-    async with running(server, agent, runtime, shutdown_grace=0.1) as run:
+    async with running(server, agent, runtime, shutdown_grace=0.1, cancel_grace=0.2) as run:
         server.post_message(room.id, ada.id, "stubborn")
         await run.wait_for(lambda: len(runtime.turns) == 1)
         run.abort.set()
@@ -401,3 +397,153 @@ async def test_shutdown_does_not_wait_forever_for_a_turn_that_swallows_its_cance
         await asyncio.wait_for(asyncio.shield(run.task), 3.0)
     assert stubborn.swallowed == 1
     assert run.pending() == [run.pending()[0]]  # not acked: it never finished
+
+
+# --- stuck turns are visible (the hardening issue, item 6) -------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_stats_show_each_running_turn_with_its_chat_and_age(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    gate = Gate()
+    async with running(server, agent, ScriptedRuntime(gate)) as run:
+        assert run.gateway.stats().running == ()
+        server.post_message(room.id, ada.id, "hello")
+        await run.wait_for(lambda: len(run.gateway.stats().running) == 1)
+        (turn,) = run.gateway.stats().running
+        assert (turn["chat_id"], turn["task_id"]) == (room.id, None)
+        assert turn["session_key"] == "agent:main:parall:default"
+        assert turn["age"] >= 0
+        assert (turn["overdue"], turn["ignored_cancellation"]) == (False, False)
+        gate.open.set()
+        await run.wait_for(lambda: run.gateway.stats().running == ())
+
+
+@pytest.mark.asyncio
+async def test_a_long_turn_is_warned_about_at_half_its_timeout(
+    server: FakeParallServer,
+    agent: AgentAccount,
+    ada: User,
+    room: Chat,
+    all_logs: pytest.LogCaptureFixture,
+) -> None:
+    gate = Gate()
+    async with running(server, agent, ScriptedRuntime(gate), turn_timeout=0.6) as run:
+        server.post_message(room.id, ada.id, "slow")
+        await run.wait_for(
+            lambda: any("half its turn_timeout" in r.getMessage() for r in all_logs.records)
+        )
+        gate.open.set()  # it ends in time: no failure
+        await run.wait_for(lambda: not run.pending())
+        assert run.gateway.stats().turns_failed == 0
+    (warning,) = [r for r in all_logs.records if "half its turn_timeout" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert room.id in warning.getMessage()
+
+
+@pytest.mark.asyncio
+async def test_a_turn_that_ignores_its_cancellation_shows_as_stuck_and_is_named(
+    server: FakeParallServer,
+    agent: AgentAccount,
+    ada: User,
+    room: Chat,
+    all_logs: pytest.LogCaptureFixture,
+) -> None:
+    stubborn = Stubborn(swallow=100)
+    try:
+        async with running(
+            server, agent, ScriptedRuntime(stubborn), turn_timeout=0.3, cancel_grace=0.2
+        ) as run:
+            server.post_message(room.id, ada.id, "stubborn")
+
+            def stuck() -> bool:
+                return any(t["ignored_cancellation"] for t in run.gateway.stats().running)
+
+            await run.wait_for(stuck)
+            (turn,) = run.gateway.stats().running
+            assert turn["overdue"] is True
+            assert turn["chat_id"] == room.id
+            errors = [r for r in all_logs.records if r.levelno == logging.ERROR]
+            assert any(
+                room.id in r.getMessage() and "ignored its cancellation" in r.getMessage()
+                for r in errors
+            )
+            stubborn.release.set()
+            await run.wait_for(lambda: run.gateway.stats().running == ())
+    finally:
+        stubborn.release.set()
+
+
+@pytest.mark.asyncio
+async def test_shutdown_names_the_chat_of_a_turn_it_abandons(
+    server: FakeParallServer,
+    agent: AgentAccount,
+    ada: User,
+    room: Chat,
+    all_logs: pytest.LogCaptureFixture,
+) -> None:
+    stubborn = Stubborn(swallow=100)
+    try:
+        async with running(
+            server, agent, ScriptedRuntime(stubborn), shutdown_grace=0.1, cancel_grace=0.2
+        ) as run:
+            server.post_message(room.id, ada.id, "stubborn")
+            await run.wait_for(lambda: len(run.gateway.stats().running) == 1)
+            run.abort.set()
+            await asyncio.wait_for(asyncio.shield(run.task), 5.0)  # returns, bounded
+            errors = [r.getMessage() for r in all_logs.records if r.levelno == logging.ERROR]
+            assert any("abandoning it" in m and room.id in m for m in errors), errors
+            assert len(run.gateway.stats().running) == 1  # abandoned, still in the host's code
+            stubborn.release.set()  # the host's coroutine ends at last
+            await run.wait_for(lambda: run.gateway.stats().running == ())
+    finally:
+        stubborn.release.set()
+
+
+# --- hostile answers, gateway side (the hardening issue, item 1) ----------------------------------
+
+
+@pytest.mark.asyncio
+async def test_catch_up_handles_the_pages_it_got_before_a_listing_error() -> None:
+    async with FakeParallServer(max_page_size=2) as server:
+        bot = server.add_agent("Paged")
+        human = server.add_user("Ada")
+        chats = [server.add_chat(type="direct", members=[human.id, bot.user_id]) for _ in range(5)]
+        for i, chat in enumerate(chats):
+            server.post_message(chat.id, human.id, f"m{i}")
+        server.refuse_ws(100_000)  # no hello: only the start-up pass runs
+        server.delay_next(p.LIST_DISPATCH, 0.0)  # the first page answers...
+        server.fail_next(p.LIST_DISPATCH, status=400, times=1)  # ...the second does not
+        runtime = ScriptedRuntime()
+        async with running(
+            server, bot, runtime, ready=False, reconcile_interval=600.0, outage_poll_interval=600.0
+        ) as run:
+            await run.wait_for(lambda: len(runtime.finished) == 2)
+            assert sorted(text for turn in runtime.texts() for text in turn) == ["m0", "m1"]
+            await run.wait_for(lambda: len(run.pending()) == 3)  # the rest: the next pass
+
+
+@pytest.mark.asyncio
+async def test_an_unreadable_dispatch_item_counts_attempts_and_is_dead_lettered(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    """A message that never decodes is not fetched again on every pass: each failed fetch
+    counts an attempt, as a failed turn does, and at max_dispatch_attempts it is given up
+    on (on_dead_letter, an error step, the ack)."""
+    message = server.post_message(room.id, ada.id, "garbled")
+    server.malform_next(p.GET_MESSAGE, times=1000, body='{"id": ')
+    runtime = ScriptedRuntime()
+    async with running(
+        server, agent, runtime, reconcile_interval=0.1, max_dispatch_attempts=2
+    ) as run:
+        await run.wait_for(lambda: run.gateway.stats().dead_letters == 1 and not run.pending())
+    assert runtime.turns == []
+    ((dead, error),) = runtime.dead
+    assert isinstance(error, ProtocolError)
+    assert [event.message_id for event in dead] == [message.id]
+    assert dead[0].text.startswith("[unreadable: ProtocolError")
+    fetches = [r for r in server.requests if r.path.endswith(f"/messages/{message.id}")]
+    assert len(fetches) == 2  # once per attempt, not once per pass
+    attempts = [s.content["attempts"] for s in run.steps(StepType.ERROR)]
+    assert attempts == [1, 2]

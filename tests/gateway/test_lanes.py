@@ -9,7 +9,6 @@ import pytest
 
 from parall_bridge import StepType
 from parall_bridge.events import ParallEvent
-from parall_bridge.gateway import lanes as lanes_module
 from parall_bridge.models import Chat, User
 from parall_bridge.routing import DispatchState, Route, SerialRoutingStrategy
 from parall_bridge.runtime import ForkOutcome, SessionRef, Turn
@@ -324,9 +323,8 @@ async def test_fork_results_of_a_failed_main_turn_go_with_the_next_one(
 
 @pytest.mark.asyncio
 async def test_a_hanging_release_session_is_cancelled_after_its_timeout(
-    server: FakeParallServer, agent: AgentAccount, ada: User, monkeypatch: pytest.MonkeyPatch
+    server: FakeParallServer, agent: AgentAccount, ada: User
 ) -> None:
-    monkeypatch.setattr(lanes_module, "RELEASE_TIMEOUT", 0.2)
     room_a, room_b = direct_chats(server, agent, ada, 2)
     gates = Gates()
     release_cancelled = asyncio.Event()
@@ -341,7 +339,7 @@ async def test_a_hanging_release_session_is_cancelled_after_its_timeout(
                 raise
 
     runtime = HangingRelease(gates)
-    async with running(server, agent, runtime) as run:
+    async with running(server, agent, runtime, hook_timeout=0.2) as run:
         await main_on_a_and_fork_on_b(run, ada, room_a, room_b)
         gates.release(room_b.id)
         await run.wait_for(lambda: release_cancelled.is_set())

@@ -1383,6 +1383,22 @@ class LedgerMachine(RuleBasedStateMachine):
         entry = self.journal[turn_id]
         failure = self.ledger.turn_failed(turn_id, "boom", now=self.now, sent=sent)
         members = [self.model[key] for key in entry.keys]
+        if len(entry.keys) > 1 and not sent and entry.attempt == 1:
+            # A coalesced turn that sent nothing: split in two halves, pinned, due at
+            # once, no attempt counted.
+            assert failure.split
+            assert failure.retrying
+            assert failure.dead == ()
+            del self.journal[turn_id]
+            half = len(entry.keys) // 2
+            for part in (entry.keys[:half], entry.keys[half:]):
+                piece = turn_id_of(part)
+                self.journal[piece] = Entry(part, state=TurnState.PINNED, attempt=0)
+                for key in part:
+                    model = self.model[key]
+                    model.state, model.turn, model.next_at = FAILED, piece, self.now
+            return
+        assert not failure.split
         for model in members:
             model.attempts += 1
         attempts = max((model.attempts for model in members), default=0)
@@ -1587,3 +1603,59 @@ class LedgerMachine(RuleBasedStateMachine):
 
 # A failure takes Hypothesis minutes to shrink to a short sequence: it must not time out first.
 test_ledger_state_machine = pytest.mark.timeout(600)(LedgerMachine.TestCase)
+
+
+# --- a poison event fails alone (the hardening issue, item 5) ---------------------------------
+
+
+def test_a_coalesced_turn_that_sent_nothing_is_split_in_halves_without_an_attempt() -> None:
+    ledger = make_ledger(retry_base=10.0)
+    for key in ("a", "b", "c"):
+        queue(ledger, key)
+    entry = ledger.start_turn(["a", "b", "c"], session_key="main")
+    failure = ledger.turn_failed(entry.turn_id, "boom", now=5.0, sent=False)
+    assert (failure.split, failure.retrying, failure.attempts, failure.dead) == (True, True, 0, ())
+    assert ledger.turn(entry.turn_id) is None
+    halves = [(e.keys, e.state) for e in ledger.journal]
+    assert halves == [(("a",), TurnState.PINNED), (("b", "c"), TurnState.PINNED)]
+    for key in ("a", "b", "c"):
+        got = record(ledger, key)
+        assert (got.state, got.attempts, got.next_attempt_at) == (FAILED, 0, 5.0)
+    assert ledger.next_retry_at() == 5.0
+    assert ledger.take_due(5.0) == [("a",), ("b", "c")]  # at once, each half whole, in order
+
+
+def test_split_halves_shrink_to_the_poison_event_which_alone_counts_attempts() -> None:
+    ledger = make_ledger(retry_base=10.0, max_attempts=2)
+    for key in ("a", "poison", "c", "d"):
+        queue(ledger, key)
+    first = ledger.start_turn(["a", "poison", "c", "d"], session_key="main")
+    assert ledger.turn_failed(first.turn_id, "boom", now=0.0, sent=False).split
+    units = ledger.take_due(0.0)
+    assert units == [("a", "poison"), ("c", "d")]
+    for unit in units:
+        for key in unit:
+            ledger.queued(key)
+    # "c", "d" succeed; "a", "poison" fail again and split once more
+    ledger.turn_succeeded(ledger.start_turn(["c", "d"], session_key="main").turn_id)
+    pair = ledger.start_turn(["a", "poison"], session_key="main")
+    assert ledger.turn_failed(pair.turn_id, "boom", now=1.0, sent=False).split
+    assert ledger.take_due(1.0) == [("a",), ("poison",)]
+    ledger.queued("a")
+    ledger.queued("poison")
+    ledger.turn_succeeded(ledger.start_turn(["a"], session_key="main").turn_id)
+    alone = ledger.start_turn(["poison"], session_key="main")
+    failure = ledger.turn_failed(alone.turn_id, "boom", now=2.0, sent=False)
+    assert (failure.split, failure.attempts) == (False, 1)  # its own failure counts
+    assert [record(ledger, key).attempts for key in ("a", "c", "d")] == [0, 0, 0]
+    assert [record(ledger, key).state for key in ("a", "c", "d")] == [DONE, DONE, DONE]
+
+
+def test_a_coalesced_turn_that_replied_is_retried_whole_not_split() -> None:
+    ledger = make_ledger(retry_base=10.0)
+    queue(ledger, "a")
+    queue(ledger, "b")
+    entry = ledger.start_turn(["a", "b"], session_key="main")
+    failure = ledger.turn_failed(entry.turn_id, "boom", now=0.0, sent=True)
+    assert (failure.split, failure.attempts) == (False, 1)
+    assert [(e.turn_id, e.keys) for e in ledger.journal] == [(entry.turn_id, ("a", "b"))]

@@ -626,3 +626,40 @@ async def test_a_reply_that_is_not_a_string_is_recorded_and_the_lane_goes_on(
     assert texts == ["{'answer': 42}", "{'answer': 42}"]
     warnings = [r.getMessage() for r in all_logs.records if r.levelname == "WARNING"]
     assert warnings.count("run_turn returned a dict, not str | None: recorded as its str") == 2
+
+
+@pytest.mark.asyncio
+async def test_a_poison_event_coalesced_with_innocent_ones_fails_alone(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    """The hardening issue, item 5: a coalesced turn that fails without sending anything
+    is retried split, so the innocent events run without a single attempt counted against
+    them, and the poison event alone is dead-lettered after its own failures."""
+    gate = asyncio.Event()
+
+    async def poison_fails(turn: Turn) -> str | None:
+        if turn.event.text == "first":
+            await gate.wait()
+        if any(event.text == "poison" for event in turn.events):
+            raise RuntimeError("this input breaks the model")
+        return "ok"
+
+    runtime = ScriptedRuntime(poison_fails)
+    async with running(
+        server, agent, runtime, reconcile_interval=0.1, max_dispatch_attempts=2
+    ) as run:
+        server.post_message(room.id, ada.id, "first")
+        await run.wait_for(lambda: len(runtime.turns) == 1)
+        for text in ("innocent 1", "poison", "innocent 2", "innocent 3"):
+            server.post_message(room.id, ada.id, text)
+        await run.wait_for(lambda: run.gateway.stats().queued == 4)
+        gate.set()
+        await run.wait_for(lambda: run.gateway.stats().dead_letters == 1 and not run.pending())
+    texts = [[event.text for event in turn.events] for turn in runtime.finished]
+    succeeded = [text for turn in texts if "poison" not in turn for text in turn]
+    assert sorted(succeeded) == ["first", "innocent 1", "innocent 2", "innocent 3"]
+    assert ["poison"] in texts  # it failed alone in the end
+    ((dead, _),) = runtime.dead
+    assert [event.text for event in dead] == ["poison"]
+    attempts = [s.content["attempts"] for s in run.steps(StepType.ERROR)]
+    assert attempts[-2:] == [1, 2]  # the poison's own two failures, after the split ones

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from parall_bridge import AgentSessionStatus, AgentStep, ParallClient, StepType
-from parall_bridge.gateway import writer as writer_module
 from parall_bridge.gateway.ledger import Ledger
 from parall_bridge.gateway.writer import PlatformWriter
 from parall_bridge.testing import AgentAccount, FakeParallServer
@@ -22,14 +21,12 @@ async def test_a_full_queue_drops_new_steps_but_never_a_status(
     client: ParallClient,
     server: FakeParallServer,
     agent: AgentAccount,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(writer_module, "QUEUE_LIMIT", 3)
     session = await client.create_agent_session(
         "org_test", agent.user_id, runtime_type="test", runtime_key="k"
     )
     ledger = Ledger(capacity=10, max_attempts=3, retry_base=1.0)
-    writer = PlatformWriter(client, "org_test", agent.user_id, ledger=ledger)
+    writer = PlatformWriter(client, "org_test", agent.user_id, ledger=ledger, queue_limit=3)
     writer.start(session.id)
     try:
         for n in range(6):
