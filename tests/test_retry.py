@@ -12,6 +12,7 @@ import tenacity
 
 from parall_bridge import (
     AuthenticationError,
+    Backoff,
     NotFoundError,
     ParallClient,
     ParallConnectionError,
@@ -22,7 +23,7 @@ from parall_bridge import (
     ServerError,
 )
 from parall_bridge import protocol as p
-from parall_bridge._retry import Backoff, connection_error, is_transient, retry_transient
+from parall_bridge._retry import connection_error, is_transient, retry_transient
 from parall_bridge.testing import FakeParallServer
 
 FAST = Backoff(base=1.5, maximum=0.01, jitter=0.0, reset_after=0.5)

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from parall_bridge import ParallClient, ParallConnectionError, ParallTLSError
+from parall_bridge import ParallClient, ParallConnectionError, ParallTLSError, ParallWs, WsTicket
 from parall_bridge import protocol as p
 
 from .conftest import FAST_RETRY
@@ -104,3 +104,25 @@ async def test_rest_verify_tls_false_works_and_warns(
         await client.get_me()
     warnings = [r for r in caplog.records if "verification is OFF" in r.getMessage()]
     assert [r.levelname for r in warnings] == ["WARNING"]  # once, at construction
+
+
+@pytest.mark.asyncio
+async def test_websocket_verifies_certificates_by_default_and_can_be_told_not_to(
+    https_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    wss_url = "wss" + https_url.removeprefix("https") + p.WS_PATH
+
+    async def ticket() -> WsTicket:
+        return WsTicket(ticket="wst_tls", ws_url=wss_url)
+
+    strict = ParallWs(ticket)
+    with pytest.raises(ParallTLSError, match="WebSocket connection: TLS failed"):
+        await strict.connect()
+    await strict.disconnect()
+    relaxed = ParallWs(ticket, verify_tls=False)
+    try:
+        await relaxed.connect()
+        assert relaxed.session_id == "wss_tls"
+    finally:
+        await relaxed.disconnect()
+    assert "verification is OFF for the WebSocket" in caplog.text
