@@ -715,7 +715,9 @@ class ParallClient:
         except (TypeError, ValueError):
             url = None
         if url is None or url.scheme not in ("http", "https") or not url.host:
-            raise ProtocolError("upload_url is not an absolute http(s) URL", method="PUT")
+            raise ProtocolError(
+                "upload_url is not an absolute http(s) URL", method="PUT", path="<upload_url>"
+            )
         try:
             async with session.put(
                 url,
