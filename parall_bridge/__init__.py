@@ -6,7 +6,7 @@ the state stores, the models of the protocol, the typed errors, and the retry
 policy.
 """
 
-from ._retry import RetryPolicy
+from ._retry import Backoff, RetryPolicy
 from .client import UNSET, ParallClient, Unset
 from .errors import (
     AuthenticationError,
@@ -14,10 +14,12 @@ from .errors import (
     ConfigurationError,
     ConflictError,
     NotFoundError,
+    PaginationError,
     ParallAPIError,
     ParallConnectionError,
     ParallError,
     ParallTimeoutError,
+    ParallTLSError,
     PermissionDeniedError,
     ProtocolError,
     RateLimitedError,
@@ -88,7 +90,7 @@ from .runtime import (
     Turn,
 )
 from .state import MemoryStateStore, SqliteStateStore, StateStore
-from .ws import Backoff, ConnectionState, ParallWs, StateChange
+from .ws import ConnectionState, ParallWs, StateChange
 
 __version__ = "0.1.0.dev0"
 
@@ -136,11 +138,13 @@ __all__ = [
     "MessageType",
     "NotFoundError",
     "Page",
+    "PaginationError",
     "ParallAPIError",
     "ParallClient",
     "ParallConnectionError",
     "ParallError",
     "ParallEvent",
+    "ParallTLSError",
     "ParallTimeoutError",
     "ParallWs",
     "PermissionDeniedError",

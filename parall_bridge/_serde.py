@@ -4,11 +4,19 @@ Rules (PROTOCOL.md, "Conventions"): unknown fields are ignored; unknown enum
 values are kept as plain strings; datetimes are RFC 3339 strings; absent
 optional fields take their defaults; ``None``-valued optional fields are left
 out on output.
+
+What the server sends is read strictly, never coerced: a string field takes
+only a string (a null, missing or numeric ``id`` is an error, never the id
+``'None'``), an integer only an integer (or an integral float), a float only
+a finite number, a boolean only a boolean, a list only an array, an object
+only an object. A ``null`` on a field that has a default and is not nullable counts
+as absent (the default); on a required field it is an error.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -17,6 +25,7 @@ from typing import Any, TypeVar
 
 import attrs
 import cattrs
+from cattrs.cols import homogenous_tuple_structure_factory
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from .models import (
@@ -66,23 +75,123 @@ def _enum_of_union(tp: Any) -> type[enum.StrEnum] | None:
     return None
 
 
+def _structure_str(value: Any, _: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {_json_type(value)}")
+    return value
+
+
+def _structure_int(value: Any, _: Any) -> int:
+    if isinstance(value, float) and value.is_integer():  # never nan or inf
+        return int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"expected an integer, got {_json_type(value)}")
+    return value
+
+
+def _structure_float(value: Any, _: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"expected a number, got {_json_type(value)}")
+    if not math.isfinite(value):
+        raise TypeError("expected a finite number")
+    return float(value)
+
+
+def _structure_bool(value: Any, _: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected a boolean, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type (never the value: it may be private)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__
+
+
+def _is_homogeneous_tuple(tp: Any) -> bool:
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def _admits_none(tp: Any) -> bool:
+    return tp is Any or tp is None or type(None) in typing.get_args(tp)
+
+
+def _nulls_as_absent(cls: Any) -> frozenset[str]:
+    """The fields of an attrs class where a ``null`` means "use the default": those
+    that have one and whose type does not allow ``None``."""
+    origin = typing.get_origin(cls) or cls
+    hints = typing.get_type_hints(origin)
+    return frozenset(
+        a.name
+        for a in attrs.fields(origin)
+        if a.default is not attrs.NOTHING and not _admits_none(hints.get(a.name, Any))
+    )
+
+
+def _without_nulls(data: Any, names: frozenset[str]) -> Any:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"expected an object, got {_json_type(data)}")
+    if names and any(data.get(name, ...) is None for name in names):
+        return {k: v for k, v in data.items() if not (v is None and k in names)}
+    return data
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(
         forbid_extra_keys=False,
         unstruct_collection_overrides={tuple: list},
     )
 
+    conv.register_structure_hook(str, _structure_str)
+    conv.register_structure_hook(int, _structure_int)
+    conv.register_structure_hook(float, _structure_float)
+    conv.register_structure_hook(bool, _structure_bool)
+
+    def array_factory(tp: Any) -> Callable[[Any, Any], Any]:
+        base = homogenous_tuple_structure_factory(tp, conv)
+
+        def structure_array(value: Any, cls: Any) -> Any:
+            if not isinstance(value, list | tuple):
+                raise TypeError(f"expected an array, got {_json_type(value)}")
+            return base(value, cls)
+
+        return structure_array
+
+    conv.register_structure_hook_factory(_is_homogeneous_tuple, array_factory)
+
+    def object_factory(cls: Any) -> Callable[[Any, Any], Any]:
+        base = conv.gen_structure_attrs_fromdict(cls)
+        names = _nulls_as_absent(cls)
+
+        def structure_object(data: Any, tp: Any) -> Any:
+            return base(_without_nulls(data, names), tp)
+
+        return structure_object
+
+    conv.register_structure_hook_factory(attrs.has, object_factory)
+
     conv.register_structure_hook(datetime, lambda v, _: parse_datetime(v))
     conv.register_unstructure_hook(datetime, format_datetime)
 
     def structure_enum_or_str(value: Any, tp: Any) -> Any:
-        if value is None:
-            if type(None) in typing.get_args(tp):
-                return None
-            raise TypeError("expected a string, got null")
+        if value is None and type(None) in typing.get_args(tp):
+            return None
         enum_cls = _enum_of_union(tp)
         assert enum_cls is not None
-        text = str(value)
+        text = _structure_str(value, str)
         try:
             return enum_cls(text)
         except ValueError:
@@ -97,10 +206,11 @@ def _make_converter() -> cattrs.Converter:
     )
 
     def structure_plain_enum(value: Any, tp: type[enum.Enum]) -> Any:
+        text = _structure_str(value, str)
         try:
-            return tp(value)
+            return tp(text)
         except ValueError:
-            return str(value)
+            return text
 
     conv.register_structure_hook_func(
         lambda tp: isinstance(tp, type) and issubclass(tp, enum.Enum), structure_plain_enum
@@ -120,20 +230,38 @@ def _make_converter() -> cattrs.Converter:
 
     conv.register_unstructure_hook_factory(attrs.has, unstructure_factory)
 
+    # Attachment: public readers also accept other spellings of its fields.
+    attachment_base = make_dict_structure_fn(Attachment, conv)
+    attachment_nulls = _nulls_as_absent(Attachment)
+    aliases = {
+        "name": "file_name",
+        "content_type": "mime_type",
+        "size": "file_size",
+        "download_url": "url",
+    }
+
+    def structure_attachment(data: Any, _: Any) -> Attachment:
+        fields = dict(_without_nulls(data, frozenset()))
+        for alias, name in aliases.items():
+            if fields.get(name) is None and fields.get(alias) is not None:
+                fields[name] = fields[alias]
+        return attachment_base(_without_nulls(fields, attachment_nulls), Attachment)
+
+    conv.register_structure_hook(Attachment, structure_attachment)
+
     # Message: the content's shape depends on message_type.
     message_base = make_dict_structure_fn(
         Message, conv, content=override(struct_hook=lambda v, _: v)
     )
+    message_nulls = _nulls_as_absent(Message)
 
     def structure_message(data: Any, _: Any) -> Message:
-        if not isinstance(data, Mapping):
-            raise TypeError("expected an object")
-        fields = dict(data)
+        fields = dict(_without_nulls(data, message_nulls))
         content = fields.get("content")
         if content is None:
             content = {}
         if not isinstance(content, Mapping):
-            raise TypeError("content: expected an object")
+            raise TypeError(f"content: expected an object, got {_json_type(content)}")
         message_type = fields.get("message_type")
         if message_type == MessageType.TEXT:
             fields["content"] = conv.structure(content, TextContent)
@@ -145,33 +273,12 @@ def _make_converter() -> cattrs.Converter:
 
     conv.register_structure_hook(Message, structure_message)
 
-    # Attachment: public readers also accept other spellings of its fields.
-    attachment_base = make_dict_structure_fn(Attachment, conv)
-    aliases = {
-        "name": "file_name",
-        "content_type": "mime_type",
-        "size": "file_size",
-        "download_url": "url",
-    }
-
-    def structure_attachment(data: Any, _: Any) -> Attachment:
-        if not isinstance(data, Mapping):
-            raise TypeError("expected an object")
-        fields = dict(data)
-        for alias, name in aliases.items():
-            if fields.get(name) is None and fields.get(alias) is not None:
-                fields[name] = fields[alias]
-        return attachment_base(fields, Attachment)
-
-    conv.register_structure_hook(Attachment, structure_attachment)
-
     # AgentConfig: version plus everything else as a raw mapping.
     def structure_agent_config(data: Any, _: Any) -> AgentConfig:
-        if not isinstance(data, Mapping):
-            raise TypeError("expected an object")
+        data = _without_nulls(data, frozenset({"version"}))
         rest = {k: v for k, v in data.items() if k != "version"}
-        version = data.get("version", 0)
-        return AgentConfig(version=int(version) if version is not None else 0, extra=rest)
+        version = _structure_int(data.get("version", 0), int)
+        return AgentConfig(version=version, extra=rest)
 
     def unstructure_agent_config(config: AgentConfig) -> dict[str, Any]:
         return {**config.extra, "version": config.version}

@@ -3,13 +3,18 @@
 One :class:`aiohttp.ClientSession` per client (its own, or one the caller
 injects and keeps ownership of), typed models in and out, typed errors, and
 retries through the policy of :mod:`parall_bridge._retry`.
+
+Whatever the server (or the network) answers, what leaves a method is a
+model or a :class:`~parall_bridge.ParallError`: bodies are read streamed up
+to a size cap, JSON is decoded with a depth cap and finite numbers only
+(:mod:`parall_bridge._json`), models are read strictly, and paginated lists
+stop after ``max_pages`` pages.
 """
 
 from __future__ import annotations
 
 import email.utils
 import enum
-import json
 import logging
 import time
 import uuid
@@ -22,16 +27,23 @@ import aiohttp
 import cattrs
 from yarl import URL
 
+from . import _json
 from . import protocol as p
-from ._retry import DEFAULT_RETRY_POLICY, RetryPolicy, Safety, call_with_retries
+from ._retry import (
+    DEFAULT_RETRY_POLICY,
+    RetryPolicy,
+    Safety,
+    call_with_retries,
+    connection_error,
+)
 from ._serde import structure, unstructure
 from .errors import (
+    PaginationError,
     ParallAPIError,
-    ParallConnectionError,
-    ParallTimeoutError,
     ProtocolError,
     RateLimitedError,
     api_error_for_status,
+    excerpt,
 )
 from .models import (
     AgentConfig,
@@ -52,7 +64,15 @@ from .models import (
     WsTicket,
 )
 
-__all__ = ["DEFAULT_TIMEOUT", "UNSET", "ParallClient", "Unset"]
+__all__ = [
+    "DEFAULT_MAX_ERROR_BODY_BYTES",
+    "DEFAULT_MAX_PAGES",
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "DEFAULT_TIMEOUT",
+    "UNSET",
+    "ParallClient",
+    "Unset",
+]
 
 _log = logging.getLogger("parall_bridge.client")
 
@@ -60,6 +80,15 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT: Final = 30.0
 """Seconds one request attempt may take, connecting included."""
+DEFAULT_MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
+"""Largest 2xx body read (bytes); a larger one is abandoned with a ProtocolError. The
+largest page of the protocol is a few hundred KB."""
+DEFAULT_MAX_ERROR_BODY_BYTES: Final = 64 * 1024
+"""Most of an error body read (bytes); the rest is left unread (errors keep 200 characters)."""
+DEFAULT_MAX_PAGES: Final = 1000
+"""Most pages an ``iter_*`` method fetches before raising :class:`PaginationError`."""
+READ_CHUNK: Final = 64 * 1024
+"""Bytes asked of the socket at a time while reading a body."""
 USER_AGENT: Final = "parall-bridge/0.1"
 
 
@@ -106,11 +135,34 @@ def _parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+def _is_json_type(content_type: str | None) -> bool:
+    """Whether a ``Content-Type`` header announces JSON (an absent one is given the
+    benefit of the doubt: the body must still parse)."""
+    if content_type is None:
+        return True
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytearray, bool]:
+    """Read the body streamed, keeping at most ``limit`` bytes; returns the bytes and
+    whether that was the whole body. Never holds more than ``limit`` plus one chunk."""
+    body = bytearray()
+    while chunk := await resp.content.read(READ_CHUNK):
+        if len(body) + len(chunk) > limit:
+            body += chunk[: limit - len(body)]
+            return body, False
+        body += chunk
+    return body, True
+
+
 def _parse_error_body(text: str) -> tuple[str | None, str | None]:
     """Read the server's error code and message from any of the error body forms."""
     try:
-        data = json.loads(text)
-    except ValueError:
+        data = _json.loads(text)
+    except ProtocolError:
         return None, None
     if not isinstance(data, dict):
         return None, None
@@ -145,6 +197,13 @@ class ParallClient:
             then leaves closing it to the caller.
         timeout: seconds one request attempt may take.
         retry: the :class:`RetryPolicy` (3 retries, backoff capped at 16 s by default).
+        max_response_bytes: largest 2xx body read (16 MiB); a larger one is abandoned
+            (its connection closed) with a :class:`ProtocolError`, never buffered whole.
+        max_error_body_bytes: most of an error body read (64 KiB).
+        max_pages: most pages an ``iter_*`` method fetches before raising
+            :class:`PaginationError` (1,000; each method also takes ``max_pages``).
+        verify_tls: verify the server's TLS certificate (the default). ``False`` is
+            for a test server with a self-signed certificate only; it logs a warning.
     """
 
     def __init__(
@@ -155,6 +214,10 @@ class ParallClient:
         session: aiohttp.ClientSession | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_error_body_bytes: int = DEFAULT_MAX_ERROR_BODY_BYTES,
+        max_pages: int = DEFAULT_MAX_PAGES,
+        verify_tls: bool = True,
     ) -> None:
         url = URL(base_url)
         if url.scheme not in ("http", "https") or not url.host:
@@ -163,12 +226,25 @@ class ParallClient:
             raise ValueError("api_key must not be empty")
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout!r}")
+        for name, value in (
+            ("max_response_bytes", max_response_bytes),
+            ("max_error_body_bytes", max_error_body_bytes),
+            ("max_pages", max_pages),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        if not verify_tls:
+            _log.warning("TLS certificate verification is OFF for %s (verify_tls=False)", url.host)
         self._base_url = base_url.rstrip("/")
         self.__api_key = api_key
         self._session = session
         self._owns_session = session is None
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._retry = retry
+        self._max_response_bytes = max_response_bytes
+        self._max_error_body_bytes = max_error_body_bytes
+        self._max_pages = max_pages
+        self._verify_tls = verify_tls
         self._closed = False
 
     def __repr__(self) -> str:
@@ -244,6 +320,7 @@ class ParallClient:
         json_body: Any,
     ) -> Any:
         session = self._ensure_session()
+        what = f"{method} {path}"
         headers = {
             p.HEADER_AUTHORIZATION: f"Bearer {self.__api_key}",
             "Accept": "application/json",
@@ -257,43 +334,54 @@ class ParallClient:
                 json=json_body,
                 headers=headers,
                 timeout=self._timeout,
+                ssl=self._verify_tls,
             ) as resp:
-                body = await resp.read()
-                status = resp.status
-                reason = resp.reason or ""
-                retry_after = resp.headers.get(p.HEADER_RETRY_AFTER)
-        except aiohttp.ClientConnectorError as exc:
-            raise ParallConnectionError(
-                f"{method} {path}: cannot connect to {self._host()}: {exc.strerror or exc}",
-                request_sent=False,
-            ) from None
-        except aiohttp.ConnectionTimeoutError:
-            raise ParallTimeoutError(
-                f"{method} {path}: timed out connecting to {self._host()}",
-                request_sent=False,
-            ) from None
-        except TimeoutError:
-            raise ParallTimeoutError(
-                f"{method} {path}: no answer within {self._timeout.total:g} s"
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise ParallConnectionError(
-                f"{method} {path}: connection failed: {type(exc).__name__}"
-            ) from None
-        elapsed = time.monotonic() - started
-        _log.debug("%s %s -> %d in %.3f s", method, path, status, elapsed)
-        text = body.decode("utf-8", errors="replace")
-        if status >= 400:
-            raise self._api_error(status, reason, text, method, path, retry_after)
-        if not body.strip():
+                if resp.status >= 400:
+                    body, _ = await _read_capped(resp, self._max_error_body_bytes)
+                    text = body.decode("utf-8", errors="replace")
+                    retry_after = resp.headers.get(p.HEADER_RETRY_AFTER)
+                    raise self._api_error(
+                        resp.status, resp.reason or "", text, method, path, retry_after
+                    )
+                body = await self._read_success(resp, method, path)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise connection_error(exc, what, timeout=self._timeout.total) from None
+        _log.debug("%s -> %d in %.3f s", what, resp.status, time.monotonic() - started)
+        if not body or body.isspace():
             return None
         try:
-            return json.loads(text)
-        except ValueError:
-            raise ProtocolError("not JSON", method=method, path=path) from None
+            return _json.loads(body)
+        except ProtocolError as exc:
+            raise ProtocolError(exc.detail, method=method, path=path) from None
 
-    def _host(self) -> str:
-        return URL(self._base_url).host or self._base_url
+    async def _read_success(
+        self, resp: aiohttp.ClientResponse, method: str, path: str
+    ) -> bytearray:
+        """A 2xx body, read streamed up to the cap; a body that is too large or not
+        announced as JSON is abandoned (the connection closed, not reused)."""
+        limit = self._max_response_bytes
+        content_type = resp.headers.get(aiohttp.hdrs.CONTENT_TYPE)
+        if resp.content_length == 0:
+            return bytearray()
+        if not _is_json_type(content_type):
+            resp.close()
+            raise ProtocolError(
+                f"expected JSON, got {excerpt(str(content_type), 60)}", method=method, path=path
+            )
+        if resp.content_length is not None and resp.content_length > limit:
+            resp.close()
+            raise ProtocolError(
+                f"body of {resp.content_length} bytes is above the {limit}-byte cap",
+                method=method,
+                path=path,
+            )
+        body, complete = await _read_capped(resp, limit)
+        if not complete:
+            resp.close()
+            raise ProtocolError(
+                f"body is above the {limit}-byte cap: abandoned", method=method, path=path
+            )
+        return body
 
     def _api_error(
         self, status: int, reason: str, text: str, method: str, path: str, retry_after: str | None
@@ -324,9 +412,12 @@ class ParallClient:
         except cattrs.BaseValidationError as exc:
             detail = "; ".join(cattrs.transform_error(exc))
             raise ProtocolError(detail, method=endpoint.method, path=endpoint.path) from None
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        except Exception as exc:  # whatever else a shape the converter did not expect raises
+            name = getattr(cls, "__name__", "model")
             raise ProtocolError(
-                f"{cls.__name__}: {exc}", method=endpoint.method, path=endpoint.path
+                f"{name}: {type(exc).__name__}: {excerpt(str(exc), 80)}",
+                method=endpoint.method,
+                path=endpoint.path,
             ) from None
 
     async def _get_model(
@@ -350,20 +441,40 @@ class ParallClient:
         data = await self._request(endpoint, params=params, path_params=path_params)
         return self._structure(data, Page[item], endpoint)  # type: ignore[valid-type]
 
-    @staticmethod
-    async def _iterate(fetch: Callable[[str | None], Awaitable[Page[T]]]) -> AsyncIterator[T]:
-        """Walk every page: stop when ``has_more`` is false or missing, or the cursor is
-        missing or repeats."""
+    async def _iterate(
+        self,
+        endpoint: p.Endpoint,
+        fetch: Callable[[str | None], Awaitable[Page[T]]],
+        max_pages: int | None,
+    ) -> AsyncIterator[T]:
+        """Walk the pages: stop when ``has_more`` is false or missing, or the cursor is
+        missing or repeats (logged); raise :class:`PaginationError` rather than fetch
+        more than ``max_pages`` pages. Items already yielded stay yielded."""
+        limit = self._max_pages if max_pages is None else max_pages
+        if limit < 1:
+            raise ValueError(f"max_pages must be >= 1, got {limit!r}")
         cursor: str | None = None
         seen: set[str] = set()
-        while True:
+        for _ in range(limit):
             page = await fetch(cursor)
             for item in page.data:
                 yield item
             cursor = page.next_cursor
-            if not page.has_more or not cursor or cursor in seen:
+            if not page.has_more or not cursor:
+                return
+            if cursor in seen:
+                _log.warning(
+                    "%s %s: the server repeated a cursor; the list ends here",
+                    endpoint.method,
+                    endpoint.path,
+                )
                 return
             seen.add(cursor)
+        raise PaginationError(
+            f"more than {limit} pages (max_pages): the list was cut short",
+            method=endpoint.method,
+            path=endpoint.path,
+        )
 
     # --- identity ------------------------------------------------------------------
 
@@ -384,9 +495,16 @@ class ParallClient:
         params = {p.QUERY_LIMIT: limit, p.QUERY_CURSOR: cursor}
         return await self._get_page(p.LIST_CHATS, Chat, params, org_id=org_id)
 
-    def iter_chats(self, org_id: str, *, page_size: int | None = None) -> AsyncIterator[Chat]:
-        """Every chat the caller belongs to, across all pages."""
-        return self._iterate(lambda cursor: self.get_chats(org_id, limit=page_size, cursor=cursor))
+    def iter_chats(
+        self, org_id: str, *, page_size: int | None = None, max_pages: int | None = None
+    ) -> AsyncIterator[Chat]:
+        """Every chat the caller belongs to, across all pages (at most ``max_pages``,
+        the client's by default, then :class:`PaginationError`)."""
+        return self._iterate(
+            p.LIST_CHATS,
+            lambda cursor: self.get_chats(org_id, limit=page_size, cursor=cursor),
+            max_pages,
+        )
 
     async def get_chat(self, org_id: str, chat_id: str) -> Chat:
         """One chat."""
@@ -407,11 +525,18 @@ class ParallClient:
         )
 
     def iter_member_chats(
-        self, org_id: str, user_id: str, *, page_size: int | None = None
+        self,
+        org_id: str,
+        user_id: str,
+        *,
+        page_size: int | None = None,
+        max_pages: int | None = None,
     ) -> AsyncIterator[Chat]:
-        """Every chat ``user_id`` joined, across all pages."""
+        """Every chat ``user_id`` joined, across all pages (at most ``max_pages``)."""
         return self._iterate(
-            lambda cursor: self.get_member_chats(org_id, user_id, limit=page_size, cursor=cursor)
+            p.LIST_MEMBER_CHATS,
+            lambda cursor: self.get_member_chats(org_id, user_id, limit=page_size, cursor=cursor),
+            max_pages,
         )
 
     # --- messages -----------------------------------------------------------------------
@@ -442,11 +567,14 @@ class ParallClient:
         return await self._get_page(p.LIST_REPLIES, Message, params, message_id=message_id)
 
     def iter_replies(
-        self, message_id: str, *, page_size: int | None = None
+        self, message_id: str, *, page_size: int | None = None, max_pages: int | None = None
     ) -> AsyncIterator[Message]:
-        """Every reply in the thread rooted at ``message_id``, across all pages."""
+        """Every reply in the thread rooted at ``message_id``, across all pages (at most
+        ``max_pages``)."""
         return self._iterate(
-            lambda cursor: self.get_replies(message_id, limit=page_size, cursor=cursor)
+            p.LIST_REPLIES,
+            lambda cursor: self.get_replies(message_id, limit=page_size, cursor=cursor),
+            max_pages,
         )
 
     async def send_message(
@@ -581,34 +709,35 @@ class ParallClient:
 
     async def _put_bytes(self, upload_url: str, payload: bytes, mime_type: str) -> None:
         session = self._ensure_session()
-        where = "<upload_url>"  # the pre-signed URL carries a signature: never shown
+        what = "PUT <upload_url>"  # the pre-signed URL carries a signature: never shown
+        try:
+            url = URL(upload_url, encoded=True)
+        except (TypeError, ValueError):
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise ProtocolError(
+                "upload_url is not an absolute http(s) URL", method="PUT", path="<upload_url>"
+            )
         try:
             async with session.put(
-                URL(upload_url, encoded=True),
+                url,
                 data=payload,
                 headers={"Content-Type": mime_type},
                 timeout=self._timeout,
+                ssl=self._verify_tls,
             ) as resp:
-                text = (await resp.read()).decode("utf-8", errors="replace")
                 if resp.status >= 300:
+                    body, _ = await _read_capped(resp, self._max_error_body_bytes)
                     raise self._api_error(
                         resp.status,
                         resp.reason or "",
-                        text,
+                        body.decode("utf-8", errors="replace"),
                         "PUT",
-                        where,
+                        "<upload_url>",
                         resp.headers.get(p.HEADER_RETRY_AFTER),
                     )
-        except aiohttp.ClientConnectorError:
-            raise ParallConnectionError(
-                f"PUT {where}: cannot connect", request_sent=False
-            ) from None
-        except TimeoutError:
-            raise ParallTimeoutError(f"PUT {where}: timed out") from None
-        except aiohttp.ClientError as exc:
-            raise ParallConnectionError(
-                f"PUT {where}: connection failed: {type(exc).__name__}"
-            ) from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise connection_error(exc, what, timeout=self._timeout.total) from None
 
     # --- WebSocket ticket ---------------------------------------------------------------
 
@@ -627,11 +756,14 @@ class ParallClient:
         return await self._get_page(p.LIST_DISPATCH, DispatchItem, params, org_id=org_id)
 
     def iter_dispatch(
-        self, org_id: str, *, page_size: int | None = None
+        self, org_id: str, *, page_size: int | None = None, max_pages: int | None = None
     ) -> AsyncIterator[DispatchItem]:
-        """Every pending dispatch item, oldest first, across all pages."""
+        """Every pending dispatch item, oldest first, across all pages (at most
+        ``max_pages``)."""
         return self._iterate(
-            lambda cursor: self.get_dispatch(org_id, limit=page_size, cursor=cursor)
+            p.LIST_DISPATCH,
+            lambda cursor: self.get_dispatch(org_id, limit=page_size, cursor=cursor),
+            max_pages,
         )
 
     async def ack_dispatch(
@@ -661,7 +793,7 @@ class ParallClient:
         if not isinstance(data, dict):
             raise ProtocolError("expected an object", method=endpoint.method, path=endpoint.path)
         acked = data.get("acked", 0)
-        if not isinstance(acked, int):
+        if not isinstance(acked, int) or isinstance(acked, bool):
             raise ProtocolError(
                 "acked: expected an integer", method=endpoint.method, path=endpoint.path
             )

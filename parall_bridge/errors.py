@@ -17,9 +17,11 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "NotFoundError",
+    "PaginationError",
     "ParallAPIError",
     "ParallConnectionError",
     "ParallError",
+    "ParallTLSError",
     "ParallTimeoutError",
     "PermissionDeniedError",
     "ProtocolError",
@@ -143,9 +145,17 @@ class ServerError(ParallAPIError):
 
 
 class ProtocolError(ParallError):
-    """A 2xx response (or a WebSocket frame) that is not the JSON shape expected.
+    """A 2xx response (or a WebSocket frame) that is not what the protocol says: not
+    JSON, JSON nested too deep or with a number out of range, a body above the size
+    cap, a content type that is not JSON, or a shape that does not fit the model.
 
-    The message names the field that did not fit, or says "not JSON".
+    The message names the field that did not fit, or says what was wrong with the
+    body (never its content).
+
+    Attributes:
+        detail: what was wrong.
+        method: the HTTP method of the request ("" for a frame).
+        path: the request path ("" for a frame).
     """
 
     def __init__(self, detail: str, *, method: str = "", path: str = "") -> None:
@@ -154,6 +164,13 @@ class ProtocolError(ParallError):
         self.path = path
         where = f"{method} {path}: " if method or path else ""
         super().__init__(f"{where}unexpected response: {detail}")
+
+
+class PaginationError(ProtocolError):
+    """A paginated list went on past ``max_pages`` pages (new cursors without end).
+
+    The items of the pages before were already yielded; the list stops here.
+    """
 
 
 class ParallConnectionError(ParallError):
@@ -172,6 +189,13 @@ class ParallConnectionError(ParallError):
 
 class ParallTimeoutError(ParallConnectionError):
     """A request or connection attempt timed out after the retries."""
+
+
+class ParallTLSError(ParallConnectionError):
+    """The TLS handshake failed, most often because the server's certificate could not
+    be verified (self-signed, expired, another host's). Not retried: a certificate does
+    not fix itself. ``verify_tls=False`` turns verification off (for a test server only).
+    """
 
 
 class WebSocketClosedError(ParallError):

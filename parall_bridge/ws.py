@@ -2,8 +2,15 @@
 
 Ticket auth (a fresh single-use ticket per attempt), ``hello``, resume with
 ``last_seq``, duplicate suppression, dead-connection detection from missing
-frames and pongs, reconnect with exponential backoff and jitter, typed
-inbound events, and the outbound ``typing`` / ``agent.heartbeat`` frames.
+frames and pongs, reconnect with exponential backoff and jitter (the loop and
+its delays from :mod:`parall_bridge._retry`), typed inbound events, and the
+outbound ``typing`` / ``agent.heartbeat`` frames.
+
+Nothing the server sends makes it loop or go silent: a frame that does not
+decode (or whose handler fails) is logged, counted and skipped, never a
+reason to drop the connection; an unreadable frame met again on resume makes
+the next connection go without ``last_seq``; an implausible ``seq`` is not
+adopted; ``heartbeat_interval`` is clamped.
 
 The structure follows hikari's gateway shard: :class:`_Transport` turns
 aiohttp's message types into a small closed set of outcomes, and the
@@ -19,7 +26,7 @@ import enum
 import inspect
 import json
 import logging
-import random
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Literal
@@ -29,13 +36,16 @@ import attrs
 import cattrs
 from yarl import URL
 
+from . import _json
 from . import protocol as p
+from ._retry import Backoff, BackoffCounter, connection_error, repeat
 from ._serde import structure
 from .errors import (
     AuthenticationError,
     ParallConnectionError,
     ParallError,
     PermissionDeniedError,
+    ProtocolError,
     WebSocketClosedError,
 )
 from .models import (
@@ -53,6 +63,10 @@ __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_HELLO_TIMEOUT",
     "DEFAULT_MAX_FRAME_SIZE",
+    "HANDLER_SHUTDOWN_TIMEOUT",
+    "MAX_HEARTBEAT_INTERVAL",
+    "MAX_SEQ_JUMP",
+    "MIN_HEARTBEAT_INTERVAL",
     "Backoff",
     "ConnectionState",
     "ParallWs",
@@ -78,19 +92,19 @@ CLOSE_TIMEOUT: Final = 2.0
 DEFAULT_MAX_FRAME_SIZE: Final = 4 * 1024 * 1024
 """Largest frame read (bytes); a larger one closes the connection with 1009."""
 HANDLER_SHUTDOWN_TIMEOUT: Final = 5.0
-"""Seconds :meth:`ParallWs.disconnect` lets async handlers finish before cancelling them."""
+"""Default seconds :meth:`ParallWs.disconnect` lets async handlers finish before cancelling
+them (the ``handler_shutdown_timeout`` option)."""
 MAX_TICKET_RETRIES_AT_CONNECT: Final = 2
 """Extra attempts ``connect()`` makes when the server rejects a ticket (4001)."""
-
-BACKOFF_BASE: Final = 1.85
-"""Exponential base of the reconnect delay (hikari's)."""
-BACKOFF_MAXIMUM: Final = 60.0
-"""Cap of one reconnect delay, in seconds."""
-BACKOFF_JITTER: Final = 1.0
-"""Up to this many random seconds added to each reconnect delay."""
-BACKOFF_RESET_AFTER: Final = 30.0
-"""A connection that stayed up this long resets the backoff: the next attempt comes at once
-(within the jitter)."""
+MIN_HEARTBEAT_INTERVAL: Final = 1.0
+"""Shortest ``heartbeat_interval`` taken from ``hello`` (seconds): a smaller one would have
+the client ping in a loop and call a healthy connection dead."""
+MAX_HEARTBEAT_INTERVAL: Final = 600.0
+"""Longest ``heartbeat_interval`` taken from ``hello`` (seconds): a larger one would leave a
+dead connection undetected for hours."""
+MAX_SEQ_JUMP: Final = 1_000_000
+"""A ``seq`` more than this far above the highest seen is delivered but not adopted: one
+implausible number must not make every later event look like a duplicate."""
 
 _PAYLOAD_TYPES: Final[dict[str, type[Any]]] = {
     p.FRAME_HELLO: Hello,
@@ -163,44 +177,6 @@ class StateChange(str):
         )
 
 
-def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"Backoff.{attribute.name} must be > 0, got {value!r}")
-
-
-def _non_negative(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value < 0:
-        raise ValueError(f"Backoff.{attribute.name} must be >= 0, got {value!r}")
-
-
-@attrs.frozen
-class Backoff:
-    """Reconnect delays: ``min(maximum, base ** n) + uniform(0, jitter)`` for the n-th
-    failed attempt in a row (n >= 1); the first attempt after a connection that
-    stayed up waits only the jitter.
-
-    Attributes:
-        base: exponential base (1.85).
-        maximum: cap of the exponential part, in seconds (60).
-        jitter: up to this many random seconds added (1).
-        reset_after: seconds a connection must stay up to reset the count (30).
-    """
-
-    base: float = attrs.field(default=BACKOFF_BASE, validator=_positive)
-    maximum: float = attrs.field(default=BACKOFF_MAXIMUM, validator=_non_negative)
-    jitter: float = attrs.field(default=BACKOFF_JITTER, validator=_non_negative)
-    reset_after: float = attrs.field(default=BACKOFF_RESET_AFTER, validator=_non_negative)
-
-    def delay(self, failures: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait before the next attempt, after ``failures`` failed attempts
-        in a row (0: the connection had stayed up)."""
-        jitter = (rng or random).uniform(0.0, self.jitter) if self.jitter else 0.0
-        if failures <= 0:
-            return jitter
-        exponent = min(failures, 64)  # keeps base ** n finite; the cap applies long before
-        return min(self.maximum, self.base**exponent) + jitter
-
-
 def ws_url_from_base(base_url: str) -> str:
     """The WebSocket URL the protocol derives from an API base URL (``http``->``ws``, ``/ws``)."""
     url = URL(base_url.rstrip("/"))
@@ -218,6 +194,32 @@ def decode_payload(frame_type: str, data: Any) -> Any:
     if payload_type is None or isinstance(data, payload_type):
         return data
     return structure(data if data is not None else {}, payload_type)
+
+
+def _heartbeat_interval(raw: Any) -> float:
+    """The ``heartbeat_interval`` to use from a hello's raw value: the default when it is
+    absent, not a positive number (with a warning), else clamped to
+    [:data:`MIN_HEARTBEAT_INTERVAL`, :data:`MAX_HEARTBEAT_INTERVAL`] (with a warning)."""
+    if raw is None:
+        return DEFAULT_HEARTBEAT_INTERVAL
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+        _log.warning(
+            "hello: heartbeat_interval is not a finite number (%s): using %g s",
+            type(raw).__name__,
+            DEFAULT_HEARTBEAT_INTERVAL,
+        )
+        return DEFAULT_HEARTBEAT_INTERVAL
+    if raw <= 0:
+        _log.warning(
+            "hello: heartbeat_interval %g is not positive: using %g s",
+            raw,
+            DEFAULT_HEARTBEAT_INTERVAL,
+        )
+        return DEFAULT_HEARTBEAT_INTERVAL
+    clamped = min(MAX_HEARTBEAT_INTERVAL, max(MIN_HEARTBEAT_INTERVAL, float(raw)))
+    if clamped != raw:
+        _log.warning("hello: heartbeat_interval %g s is out of bounds: using %g s", raw, clamped)
+    return clamped
 
 
 def _redact(url: URL) -> str:
@@ -254,6 +256,8 @@ class _Ended:
     error: BaseException | None = None
     last_seq: int = 0
     ticket_error: bool = False
+    unreadable_at: int | None = None
+    """``last_seq`` when the first frame the client could not read arrived."""
 
 
 class _Transport:
@@ -326,12 +330,18 @@ class ParallWs:
         max_frame_size: largest frame read, in bytes.
         last_seq: the sequence number to resume from on the first connection (a
             restarted process's last delivered ``seq``; 0: no resume).
+        verify_tls: verify the server's TLS certificate (the default). ``False`` is
+            for a test server with a self-signed certificate only; it logs a warning.
+        handler_shutdown_timeout: seconds :meth:`disconnect` lets async handlers
+            finish before cancelling them.
 
     Handlers registered with :meth:`on` receive the typed payload of each
     event (``Message`` for ``message.new``, ``Hello`` for ``hello`` on every
     connection, ...; a raw mapping for unknown types). Sync handlers run
     inline; async ones run as tracked tasks, started in arrival order. A
-    handler's exception is logged and never stops the connection.
+    handler's exception is logged (and counted: :attr:`handler_errors`) and never
+    stops the connection; nor does a frame that does not decode (logged, counted:
+    :attr:`skipped_frames`, and skipped).
     """
 
     def __init__(
@@ -346,9 +356,13 @@ class ParallWs:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         last_seq: int = 0,
+        verify_tls: bool = True,
+        handler_shutdown_timeout: float = HANDLER_SHUTDOWN_TIMEOUT,
     ) -> None:
         if hello_timeout <= 0 or connect_timeout <= 0:
             raise ValueError("hello_timeout and connect_timeout must be > 0")
+        if handler_shutdown_timeout < 0:
+            raise ValueError("handler_shutdown_timeout must be >= 0")
         if max_frame_size <= 0:
             raise ValueError("max_frame_size must be > 0")
         if isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0:
@@ -362,6 +376,10 @@ class ParallWs:
         self._hello_timeout = hello_timeout
         self._connect_timeout = connect_timeout
         self._max_frame_size = max_frame_size
+        self._verify_tls = verify_tls
+        self._handler_shutdown_timeout = handler_shutdown_timeout
+        if not verify_tls:
+            _log.warning("TLS certificate verification is OFF for the WebSocket (verify_tls=False)")
 
         self._handlers: dict[str, list[EventHandler]] = {}
         self._state_handlers: list[StateHandler] = []
@@ -370,6 +388,8 @@ class ParallWs:
         self._heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         self._last_seq = last_seq
         self._latency: float | None = None
+        self._skipped_frames = 0
+        self._handler_errors = 0
 
         self._transport: _Transport | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -380,8 +400,8 @@ class ParallWs:
         self._closed_event = asyncio.Event()
         self._fatal: WebSocketClosedError | None = None
         self._stopping = False
-        self._too_big_seq: int | None = None
-        self._too_big_count = 0
+        self._unreadable_seq: int | None = None
+        self._unreadable_count = 0
         self._skip_resume = False
 
     def __repr__(self) -> str:
@@ -406,8 +426,25 @@ class ParallWs:
 
     @property
     def last_seq(self) -> int:
-        """The highest event ``seq`` delivered (0: none yet, or reset by ``recovery.overflow``)."""
+        """The highest event ``seq`` delivered (0: none yet, or reset by ``recovery.overflow``).
+
+        A frame whose ``seq`` is more than :data:`MAX_SEQ_JUMP` (1,000,000) above it
+        is delivered but not adopted, so one implausible number cannot make every later
+        event look like a duplicate; while it is 0 (nothing seen yet), the first
+        ``seq`` is adopted whatever it is. A frame that does not decode never moves it.
+        """
         return self._last_seq
+
+    @property
+    def skipped_frames(self) -> int:
+        """How many frames were skipped because they did not decode (not JSON, too deep,
+        no type, data of the wrong shape), since this object was made."""
+        return self._skipped_frames
+
+    @property
+    def handler_errors(self) -> int:
+        """How many times a handler (of an event or a state change) raised."""
+        return self._handler_errors
 
     @property
     def latency(self) -> float | None:
@@ -442,18 +479,19 @@ class ParallWs:
         try:
             result = handler(arg)
         except Exception:
+            self._handler_errors += 1
             _log.exception("%s handler failed", what)
             return
         if inspect.isawaitable(result):
             self._track(self._await_handler(result, what), f"parall-ws-handler-{what}")
 
-    @staticmethod
-    async def _await_handler(awaitable: Awaitable[Any], what: str) -> None:
+    async def _await_handler(self, awaitable: Awaitable[Any], what: str) -> None:
         # Seen by tasks the handler starts too (asyncio.wait_for(ws.disconnect(), ...)).
         _HANDLER_TASK.set(asyncio.current_task())
         try:
             await awaitable
         except Exception:
+            self._handler_errors += 1
             _log.exception("%s handler failed", what)
 
     def _track(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -564,12 +602,12 @@ class ParallWs:
             await self._release_session()
 
     async def _reap_handlers(self) -> None:
-        """Let handler tasks finish (up to :data:`HANDLER_SHUTDOWN_TIMEOUT`), then cancel
-        the rest; the handler that called :meth:`disconnect` (directly or through a task
-        of its own) excepted."""
+        """Let handler tasks finish (up to ``handler_shutdown_timeout``), then cancel the
+        rest; the handler that called :meth:`disconnect` (directly or through a task of
+        its own) excepted."""
         exempt = {asyncio.current_task(), _HANDLER_TASK.get()}
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + HANDLER_SHUTDOWN_TIMEOUT
+        deadline = loop.time() + self._handler_shutdown_timeout
         while others := [t for t in self._tasks if t not in exempt and not t.done()]:
             remaining = deadline - loop.time()
             if remaining > 0:
@@ -630,44 +668,50 @@ class ParallWs:
     # --- the protocol loop -----------------------------------------------------------------
 
     async def _run(self) -> None:
-        failures = 0
+        """The reconnect loop, run by :func:`parall_bridge._retry.repeat`: each attempt
+        connects and reads until the connection ends, then says whether and when to go
+        again."""
+        backoff = BackoffCounter(self._backoff)
         ticket_retries = 0
         last_ticket_rejected = False
-        while not self._stopping:
+
+        async def attempt() -> float | None:
+            nonlocal ticket_retries, last_ticket_rejected
+            if self._stopping:
+                return None
             try:
                 ended = await self._connect_once()
             except Exception as exc:  # never let an attempt's surprise end the runner
                 _log.exception("WebSocket connection attempt failed unexpectedly")
                 ended = _Ended(error=exc)
             if self._stopping:
-                return
+                return None
             first = self._ready is not None and not self._ready.done()
             fatal = self._fatal_error(ended)
             if fatal is not None:
                 self._close_for_good(fatal, ended)
                 await self._release_session()
-                return
+                return None
             ticket_rejected = ended.code == p.CLOSE_INVALID_TICKET and not ended.hello
             if first:
                 if ticket_rejected and ticket_retries < MAX_TICKET_RETRIES_AT_CONNECT:
                     ticket_retries += 1
-                    continue
+                    return 0.0
                 self._fail_first(ended)
-                return
+                return None
             if not self._reconnect:
                 self._close_for_good(
                     WebSocketClosedError(ended.code, ended.reason or "connection lost"), ended
                 )
                 await self._release_session()
-                return
-            self._note_frame_too_big(ended)
+                return None
+            self._note_unreadable(ended)
             if ended.hello and ended.connected_for >= self._backoff.reset_after:
-                failures = 0
+                backoff.reset()
             if ended.code == p.CLOSE_INVALID_TICKET and not last_ticket_rejected:
                 delay = 0.0  # a new ticket at once; a second rejection in a row backs off
             else:
-                delay = self._backoff.delay(failures)
-                failures += 1
+                delay = backoff.next_delay()
             last_ticket_rejected = ticket_rejected
             self._set_state(ConnectionState.RECONNECTING, code=ended.code, reason=ended.reason)
             _log.info(
@@ -676,7 +720,9 @@ class ParallWs:
                 ended.code,
                 f", {type(ended.error).__name__}" if ended.error else "",
             )
-            await asyncio.sleep(delay)
+            return delay
+
+        await repeat(attempt)
 
     def _fatal_error(self, ended: _Ended) -> WebSocketClosedError | None:
         if ended.code in _FATAL_CLOSE_CODES:
@@ -717,21 +763,32 @@ class ParallWs:
         assert self._ready is not None
         self._ready.set_exception(error)
 
-    def _note_frame_too_big(self, ended: _Ended) -> None:
-        """PROTOCOL.md: 1009 -> resume; the same ``last_seq`` meeting 1009 twice in a row
-        -> reconnect once without ``last_seq`` instead of looping on the same frame."""
-        if ended.code != p.CLOSE_MESSAGE_TOO_BIG:
-            self._too_big_seq, self._too_big_count = None, 0
+    def _note_unreadable(self, ended: _Ended) -> None:
+        """PROTOCOL.md: a frame too big (1009) resumes, and so does a connection that met
+        a frame it could not decode; when a resume from the same ``last_seq`` meets such
+        a frame again, the next connection goes without ``last_seq`` (the catch-up covers
+        what is skipped) instead of looping on the same frame."""
+        mark = ended.unreadable_at
+        if ended.code == p.CLOSE_MESSAGE_TOO_BIG:
+            _log.warning(
+                "a frame above %d bytes closed the connection (1009)", self._max_frame_size
+            )
+            mark = ended.last_seq
+        if mark is None or mark != ended.last_seq:  # none, or events were delivered since
+            self._unreadable_seq, self._unreadable_count = None, 0
             return
-        _log.warning("a frame above %d bytes closed the connection (1009)", self._max_frame_size)
-        if self._too_big_seq == ended.last_seq:
-            self._too_big_count += 1
+        if self._unreadable_seq == mark:
+            self._unreadable_count += 1
         else:
-            self._too_big_seq, self._too_big_count = ended.last_seq, 1
-        if self._too_big_count >= 2:
-            _log.warning("the same frame is too big again: reconnecting without resume")
+            self._unreadable_seq, self._unreadable_count = mark, 1
+        if self._unreadable_count >= 2:
+            _log.warning(
+                "the same unreadable frame came back on resume from seq %d: "
+                "reconnecting without resume",
+                mark,
+            )
             self._skip_resume = True
-            self._too_big_seq, self._too_big_count = None, 0
+            self._unreadable_seq, self._unreadable_count = None, 0
 
     async def _connect_once(self) -> _Ended:
         """One attempt: ticket, upgrade, hello, then read until the connection ends."""
@@ -752,7 +809,12 @@ class ParallWs:
         query = {p.QUERY_TICKET: ticket.ticket}
         if resume_from > 0:
             query[p.QUERY_LAST_SEQ] = str(resume_from)
-        url = URL(base).update_query(query)
+        try:
+            url: URL | None = URL(base).update_query(query)
+        except (TypeError, ValueError):
+            url = None
+        if url is None or url.scheme not in ("ws", "wss", "http", "https") or not url.host:
+            return _Ended(error=ProtocolError("the WebSocket URL is not an absolute ws(s) URL"))
         _log.info("connecting to %s", _redact(url))
         session = self._ensure_session()
         try:
@@ -762,21 +824,12 @@ class ParallWs:
                     autoping=True,
                     max_msg_size=self._max_frame_size,
                     timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT),
+                    ssl=self._verify_tls,
                 )
-        except aiohttp.WSServerHandshakeError as exc:
-            _log.warning("WebSocket upgrade refused with status %d", exc.status)
-            return _Ended(
-                error=ParallConnectionError(
-                    f"WebSocket upgrade refused with status {exc.status}", request_sent=True
-                ),
-            )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            _log.warning("WebSocket connection failed: %s", type(exc).__name__)
-            return _Ended(
-                error=ParallConnectionError(
-                    f"WebSocket connection failed: {type(exc).__name__}", request_sent=False
-                ),
-            )
+            error = connection_error(exc, "WebSocket connection", timeout=self._connect_timeout)
+            _log.warning("%s", error)
+            return _Ended(error=error)
         transport = _Transport(ws)
         self._transport = transport
         try:
@@ -802,7 +855,7 @@ class ParallWs:
                     break
                 if text is None:
                     break
-                decoded = self._decode(text)
+                decoded = self._read_frame(text, ended)
                 if decoded is None:
                     continue
                 frame_type, payload = decoded
@@ -846,20 +899,34 @@ class ParallWs:
                 return
             await asyncio.sleep(interval)
 
+    def _read_frame(self, text: str, ended: _Ended) -> tuple[str, Any] | None:
+        """Decode one frame; ``None`` when it is dropped (a duplicate, a pong) or skipped
+        because it does not decode: logged (without its content), counted, and noted for
+        :meth:`_note_unreadable`. Never raises."""
+        try:
+            return self._decode(text)
+        except Exception as exc:
+            self._skipped_frames += 1
+            if ended.unreadable_at is None:
+                ended.unreadable_at = self._last_seq
+            detail = exc.detail if isinstance(exc, ProtocolError) else type(exc).__name__
+            _log.warning("skipping a frame (%d characters): %s", len(text), detail)
+            return None
+
     def _decode(self, text: str) -> tuple[str, Any] | None:
-        """Decode one frame; ``None`` when it is skipped (malformed, a duplicate, a pong).
+        """Decode one frame; ``None`` when it is dropped (a duplicate, a pong).
 
         ``last_seq`` advances only past frames that are delivered: a frame whose
-        data does not decode cannot push the numbering past real events.
+        data does not decode cannot push the numbering past real events; nor can
+        one whose ``seq`` jumps more than :data:`MAX_SEQ_JUMP` ahead.
+
+        Raises:
+            ProtocolError: the frame is not JSON, has no type, or its data does not
+                decode.
         """
-        try:
-            frame = json.loads(text)
-        except ValueError:
-            _log.warning("skipping a frame that is not JSON (%d characters)", len(text))
-            return None
+        frame = _json.loads(text, allow_nonfinite=True)
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
-            _log.warning("skipping a frame without a type")
-            return None
+            raise ProtocolError("a frame without a type")
         frame_type: str = frame["type"]
         seq = frame.get("seq")
         if not isinstance(seq, int) or isinstance(seq, bool):
@@ -873,6 +940,9 @@ class ParallWs:
         if frame_type == p.FRAME_PONG:
             self._on_pong(data)
             return None
+        if frame_type == p.FRAME_HELLO and isinstance(data, dict):
+            interval = _heartbeat_interval(data.get("heartbeat_interval"))
+            data = {**data, "heartbeat_interval": interval}
         if frame_type not in _PAYLOAD_TYPES:
             _log.debug("unknown frame type %r", frame_type)
             payload: Any = data
@@ -881,25 +951,29 @@ class ParallWs:
                 payload = decode_payload(frame_type, data)
             except cattrs.BaseValidationError as exc:
                 detail = "; ".join(cattrs.transform_error(exc))
-                _log.warning(
-                    "skipping a %s frame whose data does not decode: %s", frame_type, detail
-                )
-                return None
-            except (TypeError, ValueError, KeyError, AttributeError) as exc:
-                _log.warning(
-                    "skipping a %s frame whose data does not decode: %s",
-                    frame_type,
-                    exc.__class__.__name__,
-                )
-                return None
+                raise ProtocolError(
+                    f"a {frame_type} frame whose data does not decode: {detail}"
+                ) from None
+            except Exception as exc:
+                raise ProtocolError(
+                    f"a {frame_type} frame whose data does not decode: {type(exc).__name__}"
+                ) from None
         if seq is not None:
-            self._last_seq = seq
+            if self._last_seq > 0 and seq - self._last_seq > MAX_SEQ_JUMP:
+                _log.warning(
+                    "%s seq %d jumps more than %d past %d: delivered, not adopted",
+                    frame_type,
+                    seq,
+                    MAX_SEQ_JUMP,
+                    self._last_seq,
+                )
+            else:
+                self._last_seq = seq
         return frame_type, payload
 
     def _on_hello(self, hello: Hello) -> None:
         self._session_id = hello.session_id or None
-        interval = hello.heartbeat_interval
-        self._heartbeat_interval = interval if interval > 0 else DEFAULT_HEARTBEAT_INTERVAL
+        self._heartbeat_interval = hello.heartbeat_interval
 
     def _deliver(self, frame_type: str, payload: Any) -> None:
         if frame_type == p.FRAME_RECOVERY_OVERFLOW:
@@ -910,7 +984,7 @@ class ParallWs:
 
     def _on_pong(self, data: Any) -> None:
         ts = data.get("ts") if isinstance(data, dict) else None
-        if isinstance(ts, int | float):
+        if isinstance(ts, int | float) and math.isfinite(ts):
             self._latency = max(0.0, time.time() - ts / 1000)
 
     def _ensure_session(self) -> aiohttp.ClientSession:

@@ -378,3 +378,55 @@ def test_user_and_session_defaults() -> None:
     assert structure({"id": "usr_1"}, User).display_name == ""
     session = structure({"id": "ses_1", "status": "active", "runtime_lane_key": "x"}, AgentSession)
     assert session.status == "active"
+
+
+# --- read strictly: never coerce what the server sent ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        ({"id": None}, "$.id"),
+        ({"id": 42}, "$.id"),
+        ({}, "$.id"),
+        ({"id": "usr_1", "display_name": ["x"]}, "$.display_name"),
+        ({"id": "usr_1", "type": 3}, "$.type"),
+    ],
+)
+def test_a_user_of_the_wrong_shape_is_refused(data: dict[str, Any], where: str) -> None:
+    with pytest.raises(cattrs.ClassValidationError) as info:
+        structure(data, User)
+    assert any(where in line for line in cattrs.transform_error(info.value))
+
+
+@pytest.mark.parametrize(
+    ("data", "cls"),
+    [
+        ({"data": "abc"}, Page[Chat]),
+        ({"data": [], "has_more": 1}, Page[Chat]),
+        ({"data": [], "next_cursor": 7}, Page[Chat]),
+        (
+            {"id": "m", "chat_id": "c", "sender_id": None, "message_type": "text", "content": {}},
+            Message,
+        ),
+        ({"id": "t", "status": ["done"]}, Task),
+        ({"id": "d", "status": 1}, DispatchItem),
+        ({"session_id": "s", "heartbeat_interval": "30"}, Hello),
+        ({"session_id": "s", "heartbeat_interval": float("nan")}, Hello),
+        ({"version": "2"}, AgentConfig),
+    ],
+)
+def test_wrong_types_are_refused_not_coerced(data: dict[str, Any], cls: Any) -> None:
+    with pytest.raises((cattrs.BaseValidationError, TypeError)):
+        structure(data, cls)
+
+
+def test_null_on_a_field_with_a_default_is_the_default() -> None:
+    user = structure({"id": "usr_1", "display_name": None}, User)
+    assert user.display_name == ""
+    item = structure({"id": "dsp_1", "status": None}, DispatchItem)
+    assert item.status is DispatchStatus.PENDING
+    page = structure({"data": [], "has_more": None}, Page[Chat])
+    assert page.has_more is False
+    assert structure({"version": None}, AgentConfig).version == 0
+    assert structure({"version": 3.0}, AgentConfig).version == 3  # an integral float

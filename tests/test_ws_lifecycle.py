@@ -211,15 +211,14 @@ async def test_connect_right_after_a_close_for_good_does_not_hang(
 
 @pytest.mark.asyncio
 async def test_disconnect_from_a_handler_through_wait_for_completes(
-    client: ParallClient, server: FakeParallServer, monkeypatch: pytest.MonkeyPatch
+    client: ParallClient, server: FakeParallServer
 ) -> None:
     """A handler bounding its disconnect() with asyncio.wait_for (a task of its own) is
     not waited for by that disconnect(), which completes and closes its HTTP session."""
-    monkeypatch.setattr("parall_bridge.ws.HANDLER_SHUTDOWN_TIMEOUT", 1.0)
     ada = server.add_user("Ada")
     agent_id = (await client.get_me()).id
     room = server.add_chat(type="direct", members=[ada.id, agent_id])
-    ws = ParallWs(client.get_ws_ticket, backoff=FAST_BACKOFF)
+    ws = ParallWs(client.get_ws_ticket, backoff=FAST_BACKOFF, handler_shutdown_timeout=1.0)
     outcome: list[str] = []
 
     async def on_message(_: object) -> None:

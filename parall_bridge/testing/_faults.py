@@ -28,6 +28,9 @@ class Fault:
     act_first: bool = False
     body: str = ""
     seconds: float = 0.0
+    content_type: str = "application/json"
+    size: int | None = None
+    truncated: bool = False
 
 
 @attrs.define
@@ -98,10 +101,43 @@ class FaultInjector:
         )
         self._add(endpoint, fault, times)
 
-    def malform_next(self, endpoint: Endpoint, *, times: int = 1, body: str = "not json") -> None:
-        """Answer the next ``times`` requests to ``endpoint`` with 200 and this raw body
-        (``Content-Type: application/json``) without performing them."""
-        self._add(endpoint, Fault("malform", status=200, body=body), times)
+    def malform_next(
+        self,
+        endpoint: Endpoint,
+        *,
+        times: int = 1,
+        body: str = "not json",
+        status: int = 200,
+        content_type: str = "application/json",
+        size: int | None = None,
+        truncated: bool = False,
+    ) -> None:
+        """Answer the next ``times`` requests to ``endpoint`` with this raw answer, without
+        performing them.
+
+        Args:
+            endpoint: the endpoint to answer.
+            times: how many requests get it.
+            body: the body (UTF-8), or with ``size`` the text repeated.
+            status: the HTTP status (any: a 2xx by default, an error status works too).
+            content_type: the ``Content-Type`` header.
+            size: send exactly this many bytes (``body`` repeated), streamed in chunks
+                without a ``Content-Length`` (the client learns the size only by
+                reading; the emulator holds one chunk at a time, so 100 MB is cheap).
+            truncated: announce the whole body in ``Content-Length`` but send only its
+                first half, then drop the connection.
+        """
+        if size is not None and (size < 0 or not body):
+            raise ValueError("size must be >= 0, with a non-empty body to repeat")
+        fault = Fault(
+            "malform",
+            status=status,
+            body=body,
+            content_type=content_type,
+            size=size,
+            truncated=truncated,
+        )
+        self._add(endpoint, fault, times)
 
     def delay_next(self, endpoint: Endpoint, seconds: float, *, times: int = 1) -> None:
         """Wait ``seconds`` before handling each of the next ``times`` requests to

@@ -63,7 +63,14 @@ from ._state import (
     Wire,
 )
 
-__all__ = ["DEFAULT_PAGE_SIZE", "RestApi", "canonical_error", "fault_response", "parse_json"]
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "RestApi",
+    "canonical_error",
+    "fault_response",
+    "malformed_response",
+    "parse_json",
+]
 
 _log = logging.getLogger("parall_bridge.testing.rest")
 
@@ -71,6 +78,8 @@ DEFAULT_PAGE_SIZE: Final = 50
 """Page size when a list request gives no ``limit``."""
 MAX_BODY_SIZE: Final = 64 * 1024 * 1024
 """Largest request body the emulator reads (uploads included)."""
+MALFORM_CHUNK: Final = 64 * 1024
+"""Bytes written at a time for a ``malform`` fault with a ``size``."""
 
 _ERROR_CODES: Final = {
     400: "BAD_REQUEST",
@@ -146,6 +155,45 @@ def fault_response(fault: Fault) -> web.Response:
         )
         return web.Response(status=status, text=page, content_type="text/html", headers=headers)
     return web.Response(status=status, headers=headers)
+
+
+async def malformed_response(request: web.Request, fault: Fault) -> web.StreamResponse | None:
+    """The raw answer of a ``malform`` fault (see :meth:`FaultInjector.malform_next`);
+    ``None`` when the connection was dropped (truncated, or the client hung up)."""
+    data = fault.body.encode()
+    if fault.size is None and not fault.truncated:
+        return web.Response(
+            status=fault.status,
+            body=data,
+            content_type=None,
+            headers={"Content-Type": fault.content_type},
+        )
+    size = len(data) if fault.size is None else fault.size
+    response = web.StreamResponse(status=fault.status, headers={"Content-Type": fault.content_type})
+    if fault.truncated:
+        response.content_length = size
+    else:
+        response.enable_chunked_encoding()
+    try:
+        await response.prepare(request)
+        await _write_repeated(response, data, size // 2 if fault.truncated else size)
+        if not fault.truncated:
+            await response.write_eof()
+            return response
+    except ConnectionError:
+        pass  # the client hung up (past its size cap): nothing more to send
+    if request.transport is not None:
+        request.transport.abort()
+    return None
+
+
+async def _write_repeated(response: web.StreamResponse, pattern: bytes, size: int) -> None:
+    """Write ``size`` bytes of ``pattern`` repeated, one chunk at a time."""
+    block = pattern * max(1, MALFORM_CHUNK // len(pattern))
+    while size > 0:
+        chunk = block if size >= len(block) else (pattern * (size // len(pattern) + 1))[:size]
+        await response.write(chunk)
+        size -= len(chunk)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -309,7 +357,7 @@ class RestApi:
                     request.transport.abort()
                 return None
             elif fault.kind == "malform":
-                return web.Response(status=200, text=fault.body, content_type="application/json")
+                return await malformed_response(request, fault)
             elif not fault.act_first:
                 return fault_response(fault)
         response = await self._handle(request, handler, api_key)

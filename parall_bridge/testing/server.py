@@ -467,9 +467,27 @@ class FakeParallServer:
             act_first=act_first,
         )
 
-    def malform_next(self, endpoint: Endpoint, *, times: int = 1, body: str = "not json") -> None:
+    def malform_next(
+        self,
+        endpoint: Endpoint,
+        *,
+        times: int = 1,
+        body: str = "not json",
+        status: int = 200,
+        content_type: str = "application/json",
+        size: int | None = None,
+        truncated: bool = False,
+    ) -> None:
         """See :meth:`FaultInjector.malform_next`."""
-        self.faults.malform_next(endpoint, times=times, body=body)
+        self.faults.malform_next(
+            endpoint,
+            times=times,
+            body=body,
+            status=status,
+            content_type=content_type,
+            size=size,
+            truncated=truncated,
+        )
 
     def delay_next(self, endpoint: Endpoint, seconds: float, *, times: int = 1) -> None:
         """See :meth:`FaultInjector.delay_next`."""

@@ -575,10 +575,12 @@ async def test_heartbeat_drift_warns_of_a_blocked_event_loop(
     agent: AgentAccount, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def blocks_the_loop(turn: Turn) -> str | None:
-        time.sleep(0.5)  # noqa: ASYNC251 - a runtime that blocks the loop: what the warning reveals
+        # Longer than the heartbeat interval (1 s, the shortest a client takes), so a beat
+        # falls due while the loop is blocked; shorter than the dead-connection bound.
+        time.sleep(1.3)  # noqa: ASYNC251 - a runtime that blocks the loop: what the warning reveals
         return "ok"
 
-    async with FakeParallServer(heartbeat_interval=0.1) as fast:
+    async with FakeParallServer(heartbeat_interval=1.0) as fast:
         bot = fast.add_agent("Bot", api_key="pk_drift")
         ada = fast.add_user("Ada")
         chat = fast.add_chat(type="direct", members=[ada.id, bot.user_id])

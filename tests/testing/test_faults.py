@@ -113,6 +113,44 @@ async def test_malform_next(parall_server: FakeParallServer, api: ApiFactory) ->
 
 
 @pytest.mark.asyncio
+async def test_malform_next_status_content_type_and_size(
+    parall_server: FakeParallServer, api: ApiFactory, http: aiohttp.ClientSession
+) -> None:
+    agent = parall_server.add_agent()
+    client = api(agent.api_key)
+    parall_server.malform_next(ME, status=503, body="<h1>down</h1>", content_type="text/html")
+    reply = await client.call(ME)
+    assert (reply.status, reply.headers["Content-Type"], reply.text) == (
+        503,
+        "text/html",
+        "<h1>down</h1>",
+    )
+    parall_server.malform_next(ME, body="abc", size=200_000)
+    headers = {"Authorization": f"Bearer {agent.api_key}"}
+    async with http.get(parall_server.url + ME.path, headers=headers) as resp:
+        assert resp.content_length is None  # chunked: the size is known only by reading
+        assert resp.headers["Transfer-Encoding"] == "chunked"
+        body = await resp.read()
+    assert body == (b"abc" * 70_000)[:200_000]
+    with pytest.raises(ValueError, match="size"):
+        parall_server.malform_next(ME, body="", size=10)
+
+
+@pytest.mark.asyncio
+async def test_malform_next_truncated(
+    parall_server: FakeParallServer, http: aiohttp.ClientSession
+) -> None:
+    agent = parall_server.add_agent()
+    parall_server.malform_next(ME, body='{"id": "usr_1"}' * 10, truncated=True)
+    headers = {"Authorization": f"Bearer {agent.api_key}"}
+    async with http.get(parall_server.url + ME.path, headers=headers) as resp:
+        assert resp.content_length == 150
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()  # 75 bytes, then the connection drops
+    assert parall_server.faults.pending() == 0
+
+
+@pytest.mark.asyncio
 async def test_delay_next(parall_server: FakeParallServer, api: ApiFactory) -> None:
     agent = parall_server.add_agent()
     chat = parall_server.add_chat(members=[agent.user_id])
