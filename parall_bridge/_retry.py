@@ -366,10 +366,12 @@ async def retry_transient(
     backoff: Backoff,
     stop: asyncio.Event,
     what: str,
+    transient: Callable[[BaseException], bool] = is_transient,
 ) -> T | None:
-    """Call until it succeeds, retrying transient failures (:func:`is_transient`) with
-    ``backoff``, for as long as it takes; ``None`` once ``stop`` is set (checked before
-    the first call and while waiting). Any other error is raised at once.
+    """Call until it succeeds, retrying transient failures (:func:`is_transient`, or the
+    ``transient`` rule given) with ``backoff``, for as long as it takes; ``None`` once
+    ``stop`` is set (checked before the first call and while waiting). Any other error
+    is raised at once.
 
     ``what`` completes "could not ..." in the WARNING logged before each wait.
     """
@@ -390,14 +392,30 @@ async def retry_transient(
         )
 
     retrying = tenacity.AsyncRetrying(
-        retry=tenacity.retry_if_exception(is_transient),
+        retry=tenacity.retry_if_exception(transient),
         wait=backoff.wait(),
         stop=tenacity.stop_never,
         sleep=sleep,
         before_sleep=before_sleep,
         reraise=True,
     )
+
+    async def attempt() -> T:
+        # Awaited here: ``call`` may be a plain callable returning an awaitable (a lambda),
+        # which tenacity would otherwise take for a synchronous function.
+        return await call()
+
     try:
-        return await retrying(call)
+        return await retrying(attempt)
     except _Stopped:
         return None
+
+
+def exponential_delay(attempts: int, *, base: float, maximum: float) -> float:
+    """The delay before retry number ``attempts`` (1: the first) of a schedule that starts at
+    ``base`` seconds and doubles per attempt, capped at ``maximum``: the ledger's retry
+    delays of failed events (the same tenacity wait as the REST backoff, without jitter)."""
+    wait = tenacity.wait_exponential(multiplier=base, max=maximum)
+    state = _call_state()
+    state.attempt_number = max(1, min(attempts, 64))
+    return float(wait(state))

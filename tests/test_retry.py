@@ -23,7 +23,12 @@ from parall_bridge import (
     ServerError,
 )
 from parall_bridge import protocol as p
-from parall_bridge._retry import connection_error, is_transient, retry_transient
+from parall_bridge._retry import (
+    connection_error,
+    exponential_delay,
+    is_transient,
+    retry_transient,
+)
 from parall_bridge.testing import FakeParallServer
 
 FAST = Backoff(base=1.5, maximum=0.01, jitter=0.0, reset_after=0.5)
@@ -166,3 +171,41 @@ async def test_a_successful_call_builds_no_tenacity_loop(
     await client.get_me()
     assert len(built) == 1  # a retryable failure hands over to tenacity
     assert [r.status for r in server.requests if r.path == p.ME.path][-2:] == [503, 200]
+
+
+@pytest.mark.asyncio
+async def test_retry_transient_awaits_what_a_plain_callable_returns() -> None:
+    """A lambda returning a coroutine (as the gateway passes) is awaited, not returned."""
+
+    async def value() -> str:
+        return "ok"
+
+    assert (
+        await retry_transient(lambda: value(), backoff=FAST, stop=asyncio.Event(), what="x") == "ok"
+    )
+
+
+@pytest.mark.asyncio
+async def test_retry_transient_takes_another_rule_for_what_is_worth_retrying() -> None:
+    calls = 0
+
+    async def malformed_once() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ProtocolError("not JSON", method="POST", path="/ws/ticket")
+        return "ok"
+
+    def rule(exc: BaseException) -> bool:
+        return is_transient(exc) or isinstance(exc, ProtocolError)
+
+    result = await retry_transient(
+        malformed_once, backoff=FAST, stop=asyncio.Event(), what="connect", transient=rule
+    )
+    assert (result, calls) == ("ok", 2)
+
+
+def test_exponential_delay_doubles_from_the_base_capped() -> None:
+    delays = [exponential_delay(n, base=60.0, maximum=600.0) for n in (1, 2, 3, 4, 5, 64)]
+    assert delays == [60.0, 120.0, 240.0, 480.0, 600.0, 600.0]
+    assert exponential_delay(0, base=1.0, maximum=10.0) == 1.0  # no attempt yet: the base

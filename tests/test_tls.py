@@ -3,6 +3,7 @@ certificate made for the test. Verified by default; ``verify_tls=False`` turns i
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import ssl
 import subprocess
@@ -13,7 +14,18 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from parall_bridge import ParallClient, ParallConnectionError, ParallTLSError, ParallWs, WsTicket
+from parall_bridge import (
+    AgentRuntime,
+    Gateway,
+    GatewayConfig,
+    NotFoundError,
+    ParallClient,
+    ParallConnectionError,
+    ParallTLSError,
+    ParallWs,
+    Turn,
+    WsTicket,
+)
 from parall_bridge import protocol as p
 
 from .conftest import FAST_RETRY
@@ -126,3 +138,25 @@ async def test_websocket_verifies_certificates_by_default_and_can_be_told_not_to
     finally:
         await relaxed.disconnect()
     assert "verification is OFF for the WebSocket" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_gateway_verifies_certificates_unless_its_config_says_not_to(
+    https_url: str,
+) -> None:
+    """GatewayConfig.verify_tls reaches the client the gateway makes: by default a
+    self-signed certificate stops start() at once (a TLS failure is not retried); with
+    verify_tls=False it gets past TLS (this tiny server then refuses the agent session)."""
+    runtime = _Idle()
+    strict = Gateway(GatewayConfig(https_url, "pk_tls", "org_tls"), runtime)
+    with pytest.raises(ParallTLSError):
+        await asyncio.wait_for(strict.start(asyncio.Event()), 10)
+    relaxed = Gateway(GatewayConfig(https_url, "pk_tls", "org_tls", verify_tls=False), runtime)
+    with pytest.raises(NotFoundError):
+        await asyncio.wait_for(relaxed.start(asyncio.Event()), 10)
+    assert relaxed.agent_id == "usr_tls"  # authenticated over TLS
+
+
+class _Idle(AgentRuntime):
+    async def run_turn(self, turn: Turn) -> str | None:
+        return None

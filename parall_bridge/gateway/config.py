@@ -142,6 +142,9 @@ class GatewayConfig:
         hook_timeout: seconds a runtime hook (``apply_platform_config``,
             ``release_session``, ``on_dead_letter``, ``on_stop``) may take before it is
             cancelled.
+        verify_tls: verify the platform's TLS certificate (REST and WebSocket); only an
+            explicit ``False`` turns it off (logged at WARNING). A client given to the
+            gateway keeps its own setting.
         state_path: a SQLite file that keeps what must survive a restart
             (``PRLL_STATE_PATH``): the turn journal, retries, acks owed, ``last_seq``.
             ``None`` keeps it in memory (a restart forgets it). A ``store`` given to
@@ -175,6 +178,7 @@ class GatewayConfig:
     max_body_chars: int = attrs.field(default=100_000, kw_only=True, validator=_count(1))
     cancel_grace: float = attrs.field(default=5.0, kw_only=True, validator=_duration)
     hook_timeout: float = attrs.field(default=30.0, kw_only=True, validator=_positive_duration)
+    verify_tls: bool = attrs.field(default=True, kw_only=True, validator=_flag)
 
     @property
     def main_session_key(self) -> str:

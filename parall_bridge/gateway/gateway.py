@@ -29,6 +29,7 @@ from typing import Any, Final, TypeVar
 
 import attrs
 
+from .._retry import retry_transient
 from .._tasks import TaskSet
 from ..client import ParallClient
 from ..errors import ConfigurationError, ParallError, StateStoreError
@@ -54,7 +55,7 @@ from .persist import Persister
 from .presence import Presence
 from .reconciler import Reconciler
 from .sources import ChatCache, Sources
-from .supervisor import TRANSIENT_ERRORS, Supervisor, sleep_or_stop
+from .supervisor import Supervisor
 from .turns import Turns
 from .writer import PlatformWriter
 
@@ -359,18 +360,9 @@ class Gateway:
             await self._store.close()
 
     async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T | None:
-        """Call until it succeeds; transient platform errors are retried with backoff.
-        Returns ``None`` when a stop is requested first."""
-        failures = 0
-        while True:
-            try:
-                return await call()
-            except TRANSIENT_ERRORS as exc:
-                delay = self._backoff.delay(failures)
-                failures += 1
-                _log.warning("could not %s (%s); retrying in %.1f s", what, str(exc), delay)
-                if await sleep_or_stop(self._stop, delay):
-                    return None
+        """Call until it succeeds; transient platform errors are retried with backoff (the
+        retry module's rule). Returns ``None`` when a stop is requested first."""
+        return await retry_transient(call, backoff=self._backoff, stop=self._stop, what=what)
 
     async def _boot(self) -> Supervisor | None:
         """Open the store, authenticate, restore the ledger, create the agent session,
@@ -383,7 +375,9 @@ class Gateway:
         except StateStoreError as exc:
             raise StateStoreError(f"{exc} (account {config.account_id!r})") from exc
         if self._client is None:
-            self._client = ParallClient(config.parall_url, config.api_key)
+            self._client = ParallClient(
+                config.parall_url, config.api_key, verify_tls=config.verify_tls
+            )
         client = self._client
         me = await self._retrying(client.get_me, "authenticate")
         if me is None:
@@ -462,6 +456,7 @@ class Gateway:
             config.ws_url or ws_url_from_base(config.parall_url),
             backoff=self._backoff,
             last_seq=meta.last_seq,
+            verify_tls=config.verify_tls,
         )
         presence = Presence(
             ws, typing_refresh=config.typing_refresh, drift_warning=config.heartbeat_drift_warning

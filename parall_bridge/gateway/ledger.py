@@ -33,6 +33,7 @@ from typing import Final
 
 import attrs
 
+from .._retry import exponential_delay
 from ..events import EventOrigin, ParallEvent, turn_id_of
 from ..models import Message
 from ..state._codec import decode_event, encode_event
@@ -652,9 +653,9 @@ class Ledger:
     # --- retries -----------------------------------------------------------------
 
     def retry_delay(self, attempts: int) -> float:
-        """Delay before retry number ``attempts``: the base, doubled per attempt, capped."""
-        exponent = min(max(attempts - 1, 0), 30)
-        return float(min(MAX_RETRY_DELAY, self._retry_base * (2**exponent)))
+        """Delay before retry number ``attempts``: the base, doubled per attempt, capped at
+        :data:`MAX_RETRY_DELAY` (the retry module's exponential schedule)."""
+        return exponential_delay(attempts, base=self._retry_base, maximum=MAX_RETRY_DELAY)
 
     def take_due(self, now: float) -> list[tuple[str, ...]]:
         """Claim every failed record whose retry time has come, oldest first: each unit is

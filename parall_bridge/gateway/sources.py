@@ -18,14 +18,9 @@ from datetime import datetime
 
 import attrs
 
+from .._retry import is_transient
 from ..client import ParallClient
-from ..errors import (
-    NotFoundError,
-    ParallConnectionError,
-    ParallError,
-    RateLimitedError,
-    ServerError,
-)
+from ..errors import NotFoundError, ParallError
 from ..events import EventAttachment, EventOrigin, ParallEvent
 from ..models import (
     AgentStep,
@@ -304,7 +299,7 @@ class Sources:
             _log.info("message %s is gone: acking its dispatch item", message_id)
             return self._dismiss(item, message_id, origin)
         except ParallError as exc:
-            if not _transient(exc):
+            if not is_transient(exc):
                 return self._unreadable(item, message_id, SourceType.MESSAGE, origin, exc)
             _log.warning("cannot fetch message %s, leaving it pending: %s", message_id, str(exc))
             return ItemOutcome.LEFT_PENDING
@@ -401,7 +396,7 @@ class Sources:
             self._writer.ack(self._ledger.ack_row(item.id))
             return ItemOutcome.ACKED
         except ParallError as exc:
-            if not _transient(exc):
+            if not is_transient(exc):
                 # Which assignment it is cannot be known: the task's unversioned key.
                 key = f"{task_id}@"
                 return self._unreadable(item, key, SourceType.TASK_ACTIVITY, origin, exc)
@@ -528,8 +523,3 @@ class Sources:
         except ParallError as exc:
             _log.warning("cannot get a URL for attachment %s: %s", attachment_id, str(exc))
             return None
-
-
-def _transient(error: ParallError) -> bool:
-    """Whether a failed fetch may succeed later by itself (an outage, not a refusal)."""
-    return isinstance(error, ServerError | RateLimitedError | ParallConnectionError)

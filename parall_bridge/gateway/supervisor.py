@@ -15,14 +15,9 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
+from .._retry import is_transient, retry_transient
 from .._tasks import TaskSet
-from ..errors import (
-    ParallConnectionError,
-    ParallError,
-    RateLimitedError,
-    ServerError,
-    WebSocketClosedError,
-)
+from ..errors import ParallError, ProtocolError, WebSocketClosedError
 from ..models import AgentSessionStatus
 from ..runtime import AgentRuntime
 from ..ws import Backoff, ParallWs
@@ -36,7 +31,7 @@ from .reconciler import Reconciler
 from .turns import Turns
 from .writer import PlatformWriter
 
-__all__ = ["TRANSIENT_ERRORS", "Supervisor", "sleep_or_stop"]
+__all__ = ["Supervisor"]
 
 _log = logging.getLogger("parall_bridge.gateway")
 
@@ -44,8 +39,6 @@ FLUSH_TIMEOUT: Final = 10.0
 """Seconds shutdown waits for queued steps and acks to reach the platform."""
 STORE_TIMEOUT: Final = 10.0
 """Seconds shutdown waits for the last changes to reach the state store."""
-TRANSIENT_ERRORS: Final = (ServerError, RateLimitedError, ParallConnectionError)
-"""Platform errors worth retrying later (an outage, not a refusal)."""
 
 
 class Supervisor:
@@ -126,28 +119,28 @@ class Supervisor:
     # --- connection -------------------------------------------------------------------------
 
     async def _connect(self) -> None:
-        """Connect the WebSocket, retrying with backoff; then watch for a fatal close."""
+        """Connect the WebSocket, retrying with backoff (an outage, or a malformed answer
+        a proxy may have sent: the retry module's rule, plus :class:`ProtocolError`);
+        a refusal (a 4xx, a fatal close) stops the gateway. Then watch for a fatal close."""
         ws = self.ws
-        failures = 0
-        while not self._stopping:
-            try:
-                await ws.connect()
-                break
-            except WebSocketClosedError as exc:
-                self._request_stop(exc)
-                return
-            except ParallError as exc:
-                if isinstance(exc, TRANSIENT_ERRORS) or not hasattr(exc, "status"):
-                    delay = self._backoff.delay(failures)
-                    failures += 1
-                    _log.warning(
-                        "WebSocket connection failed (%s); retrying in %.1f s", str(exc), delay
-                    )
-                    if await sleep_or_stop(self._stop_event, delay):
-                        return
-                    continue
-                self._request_stop(exc)
-                return
+
+        async def connect() -> bool:
+            await ws.connect()
+            return True
+
+        try:
+            connected = await retry_transient(
+                connect,
+                backoff=self._backoff,
+                stop=self._stop_event,
+                what="connect the WebSocket",
+                transient=_worth_reconnecting,
+            )
+        except ParallError as exc:
+            self._request_stop(exc)
+            return
+        if connected is None:  # a stop came first
+            return
         try:
             await ws.wait_closed()
         except WebSocketClosedError as exc:
@@ -185,11 +178,7 @@ class Supervisor:
             _log.exception("on_stop failed")
 
 
-async def sleep_or_stop(stop: asyncio.Event, delay: float) -> bool:
-    """Sleep ``delay`` seconds; returns ``True`` if ``stop`` was set meanwhile."""
-    try:
-        async with asyncio.timeout(delay):
-            await stop.wait()
-    except TimeoutError:
-        return False
-    return True
+def _worth_reconnecting(exc: BaseException) -> bool:
+    return is_transient(exc) or (
+        isinstance(exc, ProtocolError) and not isinstance(exc, WebSocketClosedError)
+    )
