@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: demo test lint typecheck pytest bench soak docs clean
+.PHONY: demo test lint typecheck pytest bench soak fuzz docs clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "parall_bridge needs Python 3.11+ (set PYTHON=python3.X)")'
@@ -42,6 +42,9 @@ bench: $(VENV)/.installed-dev
 soak: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.soak
 	$(PY) -m benchmarks.crash
+
+fuzz: $(VENV)/.installed-dev
+	$(PY) -m benchmarks.fuzz
 
 docs: $(PY)
 	$(PY) -m pip install --quiet -e '.[docs]'

@@ -1,4 +1,4 @@
-"""Short smoke runs of ``make bench`` and ``make soak``, so they cannot rot.
+"""Short smoke runs of ``make bench``, ``make soak`` and ``make fuzz``, so they cannot rot.
 
 They check that each run completes and that its invariants hold; the figures
 themselves are quoted only from full runs (``make bench``), never from here.
@@ -6,11 +6,21 @@ themselves are quoted only from full runs (``make bench``), never from here.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+
 import pytest
 
 from benchmarks.bench import BenchResult, run_benchmarks
 from benchmarks.crash import crash_soak
+from benchmarks.fuzz import FuzzReport, Outcome, Target, fuzz
+from benchmarks.fuzz_cases import GATEWAY_ENDPOINTS, REST_KINDS, WS_KINDS, RestCase, draw_cases
 from benchmarks.soak import soak
+
+FUZZ_CASES = 60
+FUZZ_SEED = 11
+FUZZ_BOUND = 5.0
+"""Seconds a call or the next good event may take in the smoke run (10 in ``make fuzz``)."""
 
 
 @pytest.mark.asyncio
@@ -49,3 +59,92 @@ async def test_crash_soak_smoke() -> None:
     assert report.ok, report.lines()
     assert report.pending_at_end == 0
     assert report.final_exit == 0
+
+
+@pytest.fixture(scope="module")
+def fuzz_report() -> FuzzReport:
+    """One short fuzz run (every kind of case, and a 1 MiB big body), shared by the tests
+    below. Its own event loop: the run installs a loop exception handler."""
+    return asyncio.run(fuzz(FUZZ_CASES, FUZZ_SEED, bound=FUZZ_BOUND, big_body_mib=1))
+
+
+def test_fuzz_smoke(fuzz_report: FuzzReport) -> None:
+    """The fuzz run completes and its report is consistent (whether it found a defect is
+    the next test's)."""
+    report = fuzz_report
+    drawn = draw_cases(FUZZ_CASES, FUZZ_SEED)
+    assert report.cases == len(drawn) >= FUZZ_CASES
+    per_kind = collections.Counter(case.kind for case in drawn)
+    assert set(per_kind) == {*WS_KINDS, *REST_KINDS}
+    on_gateway = collections.Counter(
+        case.kind
+        for case in drawn
+        if not isinstance(case, RestCase) or case.endpoint in GATEWAY_ENDPOINTS
+    )
+    rows = {key: sum(counter.values()) for key, counter in report.rows.items()}
+    for kind, count in per_kind.items():
+        assert rows[(kind, Target.CLIENT)] == count, kind  # every case runs on the client
+        expected = on_gateway[kind] - (report.unreached if kind in REST_KINDS else 0)
+        assert expected <= rows.get((kind, Target.GATEWAY), 0) <= on_gateway[kind], kind
+    for kind in WS_KINDS:
+        assert rows[(kind, Target.GATEWAY)] == per_kind[kind]
+
+    # The table: a header, one row per kind and target whose outcomes add up, a total.
+    table = report.table()
+    assert table[0].split() == ["kind", "target", "cases", *[o.value for o in Outcome]]
+    body = table[2:-2]
+    assert len(body) == len(report.rows)
+    for line in body:
+        *_, target, cases, typed, skipped, non_library, stuck = line.split()
+        assert target in {t.value for t in Target}
+        assert int(cases) == int(typed) + int(skipped) + int(non_library) + int(stuck) > 0
+    total = table[-1].split()
+    assert total[0] == "total"
+    assert [int(n) for n in total[1:]] == [
+        sum(rows.values()),
+        *[report.total(outcome) for outcome in Outcome],
+    ]
+
+    # The harness left nothing behind (the library's own leftovers are a defect: below).
+    assert not [name for name in report.leftover if name.startswith("fuzz-")]
+
+    # Findings account for every defect; ok says whether there was one.
+    defects = report.total(Outcome.NON_LIBRARY) + report.total(Outcome.STUCK)
+    assert sum(finding.count for finding in report.findings.values()) == defects
+    assert report.ok == (
+        defects == 0
+        and not report.unattributed
+        and not report.hangs
+        and not report.leftover
+        and all(r.outcome is Outcome.SKIPPED or r.outcome is Outcome.TYPED for r in report.big)
+    )
+    lines = report.lines()
+    assert lines[-1] == "result: " + ("no defect found" if report.ok else "defects found")
+
+    # The big body ran in a child process on both targets.
+    assert [result.target for result in report.big] == [Target.CLIENT, Target.GATEWAY]
+    for result in report.big:
+        assert result.outcome is not None, result.reason
+        assert result.rss_growth_mib >= 0
+    assert sum("1 MiB body" in line for line in lines) == 2
+
+
+def test_fuzz_finds_no_defect(fuzz_report: FuzzReport) -> None:
+    """No hostile frame or answer makes a non-library exception leave the client or crash
+    a task of the gateway, and nothing gets stuck."""
+    assert report_defects(fuzz_report) == []
+
+
+def report_defects(report: FuzzReport) -> list[str]:
+    """The findings of a report, one line each, for a readable assertion."""
+    big = [
+        f"big body on the {r.target}: {r.outcome} {r.reason}"
+        for r in report.big
+        if r.outcome in (Outcome.NON_LIBRARY, Outcome.STUCK, None)
+    ]
+    return [f"{f.signature} e.g. {f.example}" for f in report.findings.values()] + [
+        *report.unattributed,
+        *report.hangs,
+        *report.leftover,
+        *big,
+    ]
