@@ -145,6 +145,8 @@ class GatewayConfig:
         verify_tls: verify the platform's TLS certificate (REST and WebSocket); only an
             explicit ``False`` turns it off (logged at WARNING). A client given to the
             gateway keeps its own setting.
+        write_concurrency: most platform writes (acks, mark-received, steps, session
+            status) in flight at once; steps stay in order within a session.
         state_path: a SQLite file that keeps what must survive a restart
             (``PRLL_STATE_PATH``): the turn journal, retries, acks owed, ``last_seq``.
             ``None`` keeps it in memory (a restart forgets it). A ``store`` given to
@@ -179,6 +181,7 @@ class GatewayConfig:
     cancel_grace: float = attrs.field(default=5.0, kw_only=True, validator=_duration)
     hook_timeout: float = attrs.field(default=30.0, kw_only=True, validator=_positive_duration)
     verify_tls: bool = attrs.field(default=True, kw_only=True, validator=_flag)
+    write_concurrency: int = attrs.field(default=8, kw_only=True, validator=_count(1))
 
     @property
     def main_session_key(self) -> str:

@@ -93,6 +93,11 @@ class GatewayStats:
             retry).
         store: what keeps the state (``memory``, or the SQLite file).
         store_writes, store_failures: transactions written to the store, and failed.
+        writes_pending: platform writes (acks, mark-received, steps, a status change)
+            waiting or in flight: the writer's backlog.
+        writes_shed: steps and mark-received calls dropped because the writer was
+            ``queue_limit`` behind (each counted and logged, never silently).
+        writes_abandoned: writes still unwritten when the shutdown flush timed out.
         running: one mapping per turn whose ``run_turn`` has not ended, oldest first:
             ``chat_id``, ``task_id``, ``session_key``, ``age`` (seconds), ``overdue``
             (past ``turn_timeout``), ``ignored_cancellation`` (still running
@@ -120,6 +125,9 @@ class GatewayStats:
     store_writes: int = 0
     store_failures: int = 0
     running: tuple[Mapping[str, Any], ...] = ()
+    writes_pending: int = 0
+    writes_shed: int = 0
+    writes_abandoned: int = 0
 
 
 class Gateway:
@@ -274,6 +282,9 @@ class Gateway:
             store_writes=supervisor.persister.writes,
             store_failures=supervisor.persister.failures,
             running=turns.running(),
+            writes_pending=writer.pending,
+            writes_shed=writer.stats.shed,
+            writes_abandoned=writer.stats.abandoned,
         )
 
     async def feed(self, frame_type: str, payload: Any) -> bool:
@@ -448,7 +459,12 @@ class Gateway:
         persister.set_session(session_id)
         persister.start()
         writer = PlatformWriter(
-            client, config.org_id, agent_id, ledger=ledger, durable=persister.durable
+            client,
+            config.org_id,
+            agent_id,
+            ledger=ledger,
+            durable=persister.durable,
+            concurrency=config.write_concurrency,
         )
         writer.start(session_id)
         ws = ParallWs(

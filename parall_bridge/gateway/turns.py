@@ -15,6 +15,7 @@ durable before the first one, and passes recorded steps to the writer. A
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
@@ -217,7 +218,9 @@ class Turns:
         events = [ledger.event(key) for key in entry.keys] or [ParallEvent.synthetic(entry.turn_id)]
         version = ledger.version
         run = TurnRun(
-            entry, record=self.writer.step, journaled=lambda: self.persister.durable(version)
+            entry,
+            record=functools.partial(self.writer.step, stream=session.key),
+            journaled=lambda: self.persister.durable(version),
         )
         turn = Turn(
             session=session,
@@ -367,7 +370,8 @@ class Turns:
                         "sender_name": event.sender_name,
                         "summary": event.summary,
                     },
-                )
+                ),
+                turn.session_key,
             )
         for key in entry.keys:
             record = self.ledger.get(key)
@@ -400,7 +404,8 @@ class Turns:
                 target_id=target_id,
                 content={"message": message, "attempts": failure.attempts},
                 group_key=turn.group_key,
-            )
+            ),
+            turn.session_key,
         )
         if failure.split:
             _log.warning(

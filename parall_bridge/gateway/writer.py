@@ -1,22 +1,38 @@
 """Writes to the platform off the critical path (DESIGN.md section 6, items 5 and 7).
 
-Session status changes and steps go through ONE ordered queue drained by one
-task, so they reach the platform in the order they were recorded while the
-turn runs without waiting for them. Acks and mark-received calls run as
-tracked background tasks (the client retries them: acks are always safe to
-repeat). Everything is flushed, with a timeout, at shutdown.
+What a turn records (the session's status, steps, mark-received, acks) is queued
+without blocking and written by a bounded pool of workers
+(``write_concurrency``), so the writer keeps up with turns instead of falling
+behind one request at a time:
 
-The writer sends only the acks the ledger planned (:class:`AckPlan`): each
-waits until the transition that planned it is durable in the state store,
-then goes out, and its success is reported back to the ledger (acked).
+- **Status changes coalesce.** Only the latest status asked for is written, and
+  only if it differs from the one the platform has: a turn's ``idle`` followed by
+  the next turn's ``active`` writes nothing. ``completed`` (shutdown) is written
+  once every step before it was.
+- **Steps keep their order within a stream** (a lane session: one chat's main
+  session, or a fork), one in flight per stream; different streams write
+  concurrently.
+- **Acks come first**, then mark-received, then steps. Each ack waits until the
+  transition that planned it is durable in the state store, then goes out, and
+  its success is reported back to the ledger (``acked``).
+- **Everything is bounded.** Past ``queue_limit`` queued steps, or
+  mark-received calls, new ones are shed: counted (:attr:`WriterStats.shed`,
+  ``GatewayStats.writes_shed``) and logged with the count, never silently. Acks
+  are never shed (they are small, and the event would run again without them);
+  status changes take one slot.
+
+At shutdown everything is flushed within a timeout; what is still unwritten is
+counted (:attr:`WriterStats.abandoned`) and logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Final
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final
 
 import attrs
 
@@ -26,36 +42,53 @@ from ..errors import ParallError
 from ..models import AgentSessionStatus, AgentStep
 from .ledger import AckPlan, Ledger
 
-__all__ = ["PlatformWriter", "WriterStats"]
+__all__ = ["QUEUE_LIMIT", "WRITE_CONCURRENCY", "PlatformWriter", "WriterStats"]
 
 _log = logging.getLogger("parall_bridge.gateway.writer")
 
 QUEUE_LIMIT: Final = 10_000
-"""Most steps waiting in the ordered queue by default; past it new steps are dropped
-(counted in :attr:`WriterStats.dropped` and logged), so what is written stays an ordered
-prefix. Status changes are never dropped (there are at most two per turn)."""
+"""Most steps (and, apart, mark-received calls) waiting by default; past it new ones are
+shed (counted and logged), so what is written of a stream stays an ordered prefix."""
+WRITE_CONCURRENCY: Final = 8
+"""Writes in flight at once by default (``GatewayConfig.write_concurrency``)."""
+SHED_LOG_INTERVAL: Final = 10.0
+"""Seconds between two WARNINGs about shed writes (each gives the running count)."""
 
-
-@attrs.frozen
-class _Step:
-    step: AgentStep
-
-
-@attrs.frozen
-class _Status:
-    status: AgentSessionStatus
+_Job = Callable[[], Coroutine[Any, Any, None]]
 
 
 @attrs.define
 class WriterStats:
-    """Counters of the platform writer."""
+    """Counters of the platform writer.
+
+    Attributes:
+        steps_written, steps_failed: step requests (a failed status write counts in
+            ``steps_failed`` too).
+        statuses_written: session status changes written.
+        statuses_coalesced: status changes never written because a later one
+            replaced them (or they matched what the platform had).
+        acks_sent, acks_failed: ack requests.
+        marks_sent: mark-received requests.
+        shed: steps and mark-received calls dropped because their queue was full.
+        abandoned: writes still unwritten when the shutdown flush timed out.
+        backlog_max: the most writes ever waiting at once.
+    """
 
     steps_written: int = 0
     steps_failed: int = 0
     statuses_written: int = 0
+    statuses_coalesced: int = 0
     acks_sent: int = 0
     acks_failed: int = 0
-    dropped: int = 0
+    marks_sent: int = 0
+    shed: int = 0
+    abandoned: int = 0
+    backlog_max: int = 0
+
+    @property
+    def dropped(self) -> int:
+        """Former name of :attr:`shed`."""
+        return self.shed
 
 
 async def _no_wait(version: int) -> None:
@@ -63,7 +96,7 @@ async def _no_wait(version: int) -> None:
 
 
 class PlatformWriter:
-    """The ordered step/status writer and the background acks of one gateway.
+    """The step/status writer and the acks of one gateway.
 
     Args:
         client: the REST client.
@@ -72,7 +105,9 @@ class PlatformWriter:
         ledger: the ledger whose ack plans it sends (told when they went out).
         durable: waits until the ledger is durable up to a version (the state
             store's persister); by default nothing is waited for.
-        queue_limit: most steps waiting to be written (:data:`QUEUE_LIMIT`).
+        queue_limit: most steps, and apart most mark-received calls, waiting to be
+            written (:data:`QUEUE_LIMIT`).
+        concurrency: most writes in flight at once (:data:`WRITE_CONCURRENCY`).
     """
 
     def __init__(
@@ -84,27 +119,43 @@ class PlatformWriter:
         ledger: Ledger,
         durable: Callable[[int], Awaitable[None]] = _no_wait,
         queue_limit: int = QUEUE_LIMIT,
+        concurrency: int = WRITE_CONCURRENCY,
     ) -> None:
+        if queue_limit < 1 or concurrency < 1:
+            raise ValueError("queue_limit and concurrency must be at least 1")
         self._client = client
-        self._queue_limit = queue_limit
         self._org_id = org_id
         self._agent_id = agent_id
         self._ledger = ledger
         self._durable = durable
+        self._queue_limit = queue_limit
+        self._concurrency = concurrency
         self._session_id: str | None = None
-        self._queue: asyncio.Queue[_Step | _Status] | None = None
-        self._worker: asyncio.Task[None] | None = None
-        self._background = TaskSet(_log)
-        self._last_status: AgentSessionStatus | None = None
+        # Steps: a FIFO per stream; streams with a step to write and none in flight.
+        self._streams: dict[str, collections.deque[AgentStep]] = {}
+        self._ready: collections.deque[str] = collections.deque()
+        self._busy_streams = 0
+        self._steps_queued = 0
+        self._acks: collections.deque[AckPlan] = collections.deque()
+        self._marks: collections.deque[tuple[str, str]] = collections.deque()
+        # Status: what was asked for last, what the platform has, a write in flight.
+        self._status_wanted: AgentSessionStatus | None = None
+        self._status_written: AgentSessionStatus | None = None
+        self._status_busy = False
+        self._in_flight = 0
+        self._workers = 0
+        self._pool = TaskSet(_log)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self._shed_logged_at: float | None = None
+        self._shed_logged = 0
         self.stats = WriterStats()
 
     def start(self, session_id: str) -> None:
         """Start writing into the agent session ``session_id``."""
         self._session_id = session_id
-        self._queue = asyncio.Queue()
-        self._worker = asyncio.get_running_loop().create_task(
-            self._drain(self._queue), name="parall-gateway-writer"
-        )
+        self._kick()
 
     @property
     def session_id(self) -> str | None:
@@ -113,82 +164,182 @@ class PlatformWriter:
 
     @property
     def pending(self) -> int:
-        """Writes waiting in the ordered queue, plus background acks in flight."""
-        return (self._queue.qsize() if self._queue else 0) + len(self._background)
+        """Writes waiting or in flight (steps, acks, mark-received, a status change)."""
+        status = self._status_wanted is not None and self._status_wanted != self._status_written
+        return (
+            self._steps_queued + len(self._acks) + len(self._marks) + self._in_flight + int(status)
+        )
 
     # --- enqueueing (synchronous: never blocks a turn) --------------------------------
 
-    def step(self, step: AgentStep) -> None:
-        """Record a step (in order with every other step and status change)."""
-        self._put(_Step(step))
+    def step(self, step: AgentStep, stream: str = "") -> None:
+        """Record a step, written after the steps recorded before it on ``stream`` (a lane
+        session's key); steps of different streams are written concurrently."""
+        if self._steps_queued >= self._queue_limit:
+            self._shed(f"a {step.step_type} step")
+            return
+        queue = self._streams.get(stream)
+        if queue is None:
+            queue = self._streams[stream] = collections.deque()
+            self._ready.append(stream)  # new: nothing of it in flight
+        queue.append(step)
+        self._steps_queued += 1
+        self._queued()
 
     def status(self, status: AgentSessionStatus) -> None:
-        """Set the agent session's status (in order with the steps)."""
-        self._put(_Status(status))
-
-    def _put(self, item: _Step | _Status) -> None:
-        if self._queue is None:
-            _log.debug("writer not started: dropping a %s", type(item).__name__)
+        """Ask for the agent session's status to be ``status``: only the latest status asked
+        for is written, once (``completed`` after every step recorded before it)."""
+        if self._status_wanted is not None and self._status_wanted != self._status_written:
+            self.stats.statuses_coalesced += 1  # replaced before it was written
+        self._status_wanted = status
+        if status == self._status_written and not self._status_busy:
+            self.stats.statuses_coalesced += 1  # what the platform has already
             return
-        if isinstance(item, _Step) and self._queue.qsize() >= self._queue_limit:
-            self.stats.dropped += 1
-            _log.warning(
-                "step queue full (%d): dropping a %s step",
-                self._queue_limit,
-                item.step.step_type,
-            )
-            return
-        self._queue.put_nowait(item)
+        self._queued()
 
     def ack(self, plan: AckPlan) -> None:
-        """Send the acks of ``plan`` in the background, once the ledger is durable up to
+        """Send the acks of ``plan`` (before any step), once the ledger is durable up to
         the plan's version; the ledger is told when they went out."""
         if plan:
-            self._background.spawn(self._ack(plan), name="parall-gateway-ack")
+            self._acks.append(plan)
+            self._queued()
 
     def mark_received(self, source_type: str, source_id: str) -> None:
-        """Tell the platform work on this source started, in the background."""
-        self._background.spawn(
-            self._mark_received(source_type, source_id), name="parall-gateway-received"
+        """Tell the platform work on this source started."""
+        if len(self._marks) >= self._queue_limit:
+            self._shed(f"mark-received of {source_type} {source_id}")
+            return
+        self._marks.append((source_type, source_id))
+        self._queued()
+
+    def _shed(self, what: str) -> None:
+        self.stats.shed += 1
+        now = time.monotonic()
+        if self._shed_logged_at is None or now - self._shed_logged_at >= SHED_LOG_INTERVAL:
+            _log.warning(
+                "the platform writer is %d write(s) behind: shed %s (%d shed since start, "
+                "%d since the last warning)",
+                self.pending,
+                what,
+                self.stats.shed,
+                self.stats.shed - self._shed_logged,
+            )
+            self._shed_logged_at = now
+            self._shed_logged = self.stats.shed
+
+    def _queued(self) -> None:
+        backlog = self.pending
+        if backlog > self.stats.backlog_max:
+            self.stats.backlog_max = backlog
+        self._idle.clear()
+        self._kick()
+
+    # --- the pool -----------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        """Start workers for the jobs no worker is on yet (at most ``concurrency``)."""
+        if self._session_id is None or self._closed:
+            return
+        jobs = len(self._acks) + len(self._marks) + len(self._ready) + int(self._status_due())
+        while self._workers < min(self._concurrency, self._workers + jobs):
+            self._workers += 1
+            jobs -= 1
+            self._pool.spawn(self._work(), name="parall-gateway-writer")
+        if self._workers == 0 and not self.pending:
+            self._idle.set()
+
+    def _status_due(self) -> bool:
+        wanted = self._status_wanted
+        if self._status_busy or wanted is None or wanted == self._status_written:
+            return False
+        # The session ends after its last step: completed waits for every step.
+        return wanted != AgentSessionStatus.COMPLETED or (
+            self._steps_queued == 0 and self._busy_streams == 0
         )
 
-    # --- the work -----------------------------------------------------------------------
+    def _take(self) -> _Job | None:
+        """The next job by priority: an ack, a mark-received, a status, a step."""
+        if self._acks:
+            plan = self._acks.popleft()
+            return lambda: self._ack(plan)
+        if self._marks:
+            source_type, source_id = self._marks.popleft()
+            return lambda: self._mark_received(source_type, source_id)
+        if self._status_due():
+            wanted = self._status_wanted
+            assert wanted is not None
+            self._status_busy = True
+            return lambda: self._write_status(wanted)
+        if self._ready:
+            stream = self._ready.popleft()
+            step = self._streams[stream].popleft()
+            self._steps_queued -= 1
+            self._busy_streams += 1
+            return lambda: self._write_step(stream, step)
+        return None
 
-    async def _drain(self, queue: asyncio.Queue[_Step | _Status]) -> None:
-        while True:
-            item = await queue.get()
-            try:
-                await self._write(item)
-            finally:
-                queue.task_done()
-
-    async def _write(self, item: _Step | _Status) -> None:
-        session_id = self._session_id
-        if session_id is None:
-            return
+    async def _work(self) -> None:
         try:
-            if isinstance(item, _Status):
-                if item.status == self._last_status:
-                    return
-                await self._client.update_agent_session(
-                    self._org_id, self._agent_id, session_id, status=item.status
-                )
-                self._last_status = item.status
-                self.stats.statuses_written += 1
-                _log.debug("agent session %s", item.status)
-            else:
-                await self._client.create_agent_step(
-                    self._org_id, self._agent_id, session_id, item.step
-                )
-                self.stats.steps_written += 1
-                _log.debug("%s step written", item.step.step_type)
+            while (job := self._take()) is not None:
+                self._in_flight += 1
+                try:
+                    await job()
+                finally:
+                    self._in_flight -= 1
+        finally:
+            self._workers -= 1
+            self._kick()
+
+    # --- the writes ---------------------------------------------------------------------
+
+    async def _write_step(self, stream: str, step: AgentStep) -> None:
+        try:
+            session_id = self._session_id
+            assert session_id is not None
+            await self._client.create_agent_step(self._org_id, self._agent_id, session_id, step)
+            self.stats.steps_written += 1
+            _log.debug("%s step written", step.step_type)
         except ParallError as exc:
             self.stats.steps_failed += 1
-            what = item.status if isinstance(item, _Status) else item.step.step_type
-            _log.warning("could not write %s to the agent session: %s", what, str(exc))
+            _log.warning(
+                "could not write a %s step to the agent session: %s", step.step_type, str(exc)
+            )
         except Exception:  # one bad write must not stop the writer: later ones still go
             self.stats.steps_failed += 1
-            _log.exception("could not write a %s to the agent session", type(item).__name__)
+            _log.exception("could not write a %s step to the agent session", step.step_type)
+        finally:
+            self._busy_streams -= 1
+            queue = self._streams[stream]
+            if queue:
+                self._ready.append(stream)
+            else:
+                del self._streams[stream]
+
+    async def _write_status(self, status: AgentSessionStatus) -> None:
+        try:
+            session_id = self._session_id
+            assert session_id is not None
+            await self._client.update_agent_session(
+                self._org_id, self._agent_id, session_id, status=status
+            )
+            self._status_written = status
+            self.stats.statuses_written += 1
+            _log.debug("agent session %s", status)
+        except ParallError as exc:
+            # Not retried here (the client retried what is transient); a later status
+            # change is written as usual.
+            self._status_failed(status)
+            _log.warning("could not set the agent session %s: %s", status, str(exc))
+        except Exception:
+            self._status_failed(status)
+            _log.exception("could not set the agent session %s", status)
+        finally:
+            self._status_busy = False
+
+    def _status_failed(self, status: AgentSessionStatus) -> None:
+        self.stats.steps_failed += 1
+        if self._status_wanted == status:  # nothing newer was asked for meanwhile
+            self._status_wanted = self._status_written
 
     async def _ack(self, plan: AckPlan) -> None:
         try:
@@ -226,33 +377,36 @@ class PlatformWriter:
             await self._client.mark_dispatch_received(
                 self._org_id, source_type=source_type, source_id=source_id
             )
+            self.stats.marks_sent += 1
         except ParallError as exc:
             _log.info("could not mark %s %s received: %s", source_type, source_id, str(exc))
+        except Exception:
+            _log.exception("could not mark %s %s received", source_type, source_id)
 
     # --- shutdown -----------------------------------------------------------------------
 
     async def flush(self, within: float) -> bool:
-        """Wait up to ``within`` seconds for every queued write and background ack;
-        returns whether everything was written."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
-        ok = True
-        if self._queue is not None and self._worker is not None and not self._worker.done():
-            try:
-                async with asyncio.timeout(within):
-                    await self._queue.join()
-            except TimeoutError:
-                ok = False
-        remaining = max(0.0, deadline - loop.time())
-        return await self._background.wait(remaining) and ok
+        """Wait up to ``within`` seconds for every queued write; returns whether
+        everything was written."""
+        if self._session_id is None or self._closed:
+            return not self.pending
+        try:
+            async with asyncio.timeout(within):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self, within: float) -> None:
-        """Flush for up to ``within`` seconds, then stop (unwritten items are logged)."""
+        """Flush for up to ``within`` seconds, then stop (what is left is counted in
+        :attr:`WriterStats.abandoned` and logged)."""
         if not await self.flush(within):
             left = self.pending
-            _log.warning("shutdown: %d platform write(s) did not finish in time", left)
-        await self._background.cancel()
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.cancel()
-            await asyncio.gather(worker, return_exceptions=True)
+            self.stats.abandoned += left
+            _log.warning(
+                "shutdown: %d platform write(s) did not finish within %g s: abandoned",
+                left,
+                within,
+            )
+        self._closed = True
+        await self._pool.cancel()

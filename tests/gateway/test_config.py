@@ -59,6 +59,7 @@ def test_defaults_as_in_the_design() -> None:
     assert config.max_body_chars == 100_000
     assert config.cancel_grace == 5.0
     assert config.hook_timeout == 30.0
+    assert config.write_concurrency == 8
 
 
 def test_three_positional_fields_then_keyword_only() -> None:
@@ -441,6 +442,7 @@ def test_ack_dead_letters_must_be_a_bool(value: object) -> None:
         ("hook_timeout", 0, "positive"),
         ("cancel_grace", -1, "non-negative"),
         ("max_body_chars", 0, "integer >= 1"),
+        ("write_concurrency", 0, "integer >= 1"),
     ],
 )
 def test_the_hardening_settings_are_checked(name: str, value: object, message: str) -> None:

@@ -237,6 +237,25 @@ async def test_agent_session_lifecycle(
 
 
 @pytest.mark.asyncio
+async def test_status_changes_coalesce_while_the_platform_is_slow(
+    server: FakeParallServer, agent: AgentAccount, ada: User, direct: Chat
+) -> None:
+    async with running(server, agent) as run:
+        server.delay_next(p.UPDATE_AGENT_SESSION, 1.0)  # the first status write is slow
+        for n in range(1, 6):  # five turns one after another, each active then idle
+            server.post_message(direct.id, ada.id, f"message {n}")
+            await run.wait_for(lambda: len(run.runtime.finished) == n)  # noqa: B023
+        await run.wait_for(lambda: run.gateway.stats().writes_pending == 0)
+        stats = run.gateway.stats()
+        assert stats.writes_shed == 0
+    statuses = [r.json["status"] for r in server.requests if r.method == "PATCH"]
+    # While the first write was slow only the latest status waited: written once (one
+    # write per change would have made ten).
+    assert statuses == ["active", "idle", "completed"]
+    assert run.gateway.stats().writes_abandoned == 0
+
+
+@pytest.mark.asyncio
 async def test_recorder_steps_group_keys_and_tool_steps(
     server: FakeParallServer, agent: AgentAccount, ada: User, direct: Chat
 ) -> None:
