@@ -145,6 +145,9 @@ class GatewayConfig:
         verify_tls: verify the platform's TLS certificate (REST and WebSocket); only an
             explicit ``False`` turns it off (logged at WARNING). A client given to the
             gateway keeps its own setting.
+        fetch_concurrency: most messages and tasks fetched at once for dispatch items
+            (catch-up, ``dispatch.new``); each chat still gets its items in dispatch
+            order.
         write_concurrency: most platform writes (acks, mark-received, steps, session
             status) in flight at once; steps stay in order within a session.
         state_path: a SQLite file that keeps what must survive a restart
@@ -181,6 +184,7 @@ class GatewayConfig:
     cancel_grace: float = attrs.field(default=5.0, kw_only=True, validator=_duration)
     hook_timeout: float = attrs.field(default=30.0, kw_only=True, validator=_positive_duration)
     verify_tls: bool = attrs.field(default=True, kw_only=True, validator=_flag)
+    fetch_concurrency: int = attrs.field(default=16, kw_only=True, validator=_count(1))
     write_concurrency: int = attrs.field(default=8, kw_only=True, validator=_count(1))
 
     @property

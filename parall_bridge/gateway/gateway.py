@@ -52,6 +52,7 @@ from .intake import Intake
 from .lanes import Board, Lanes
 from .ledger import Ledger, Restored
 from .persist import Persister
+from .pipeline import ItemPipeline
 from .presence import Presence
 from .reconciler import Reconciler
 from .sources import ChatCache, Sources
@@ -510,10 +511,12 @@ class Gateway:
             dead_letter=turns.dead_letter,
             max_body_chars=config.max_body_chars,
         )
+        pipeline = ItemPipeline(config.fetch_concurrency)
         reconciler = Reconciler(
             client=client,
             org_id=config.org_id,
             sources=sources,
+            pipeline=pipeline,
             next_retry_at=ledger.next_retry_at,
             interval=config.reconcile_interval,
             outage_interval=config.outage_poll_interval,
@@ -538,6 +541,7 @@ class Gateway:
         intake = Intake(
             ws=ws,
             sources=sources,
+            pipeline=pipeline,
             chats=chats,
             presence=presence,
             reconciler=reconciler,
@@ -549,6 +553,7 @@ class Gateway:
             config=platform_config,
             ws=ws,
             intake=intake,
+            pipeline=pipeline,
             reconciler=reconciler,
             lanes=lanes,
             turns=turns,

@@ -2,8 +2,10 @@
 
 WebSocket frames and :meth:`Gateway.feed` calls go through one queue drained
 by one task, so frames are handled one at a time in the order they came:
-``message.new``, ``task.assigned`` and ``dispatch.new`` go to the sources
-(which claim them in the ledger and hand them to the lanes); ``hello`` loads
+``message.new`` and ``task.assigned`` go to the sources (which claim them in the
+ledger and hand them to the lanes), after the dispatch items of the same chat
+still in the item pipeline; ``dispatch.new`` goes to that pipeline, which
+fetches many items at once and keeps each chat's order; ``hello`` loads
 the chats, restarts the heartbeat and asks for a catch-up; ``chat.update``
 updates the chat cache; ``agent_config.update`` refreshes the platform config;
 ``recovery.overflow`` asks for a full catch-up.
@@ -12,8 +14,9 @@ updates the chat cache; ``agent_config.update`` refreshes the platform config;
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import attrs
@@ -25,9 +28,10 @@ from ..events import EventOrigin
 from ..models import ChatUpdate, DispatchItem, Hello, Message, Task
 from ..ws import ParallWs
 from .config_sync import ConfigSync
+from .pipeline import ItemPipeline
 from .presence import Presence
 from .reconciler import Reconciler
-from .sources import ChatCache, ItemOutcome, Sources
+from .sources import ChatCache, Gate, ItemOutcome, Sources, chat_key, item_key, task_key
 
 __all__ = ["INBOUND_FRAMES", "Intake"]
 
@@ -60,6 +64,7 @@ class Intake:
     Args:
         ws: the WebSocket (its frames are subscribed to by :meth:`start`).
         sources: turns messages, tasks and dispatch items into claimed events.
+        pipeline: handles dispatch items, many at once, each chat's in order.
         chats: the chat cache.
         presence: the heartbeat, restarted on every ``hello``.
         reconciler: asked for a catch-up pass after ``hello`` and on overflow.
@@ -72,6 +77,7 @@ class Intake:
         *,
         ws: ParallWs,
         sources: Sources,
+        pipeline: ItemPipeline,
         chats: ChatCache,
         presence: Presence,
         reconciler: Reconciler,
@@ -80,6 +86,7 @@ class Intake:
     ) -> None:
         self._ws = ws
         self._sources = sources
+        self._pipeline = pipeline
         self._chats = chats
         self._presence = presence
         self._reconciler = reconciler
@@ -122,22 +129,37 @@ class Intake:
             routed = False
             try:
                 self._heard()
-                routed = await self._process(item.frame_type, item.payload)
+                routed = await self._process(item.frame_type, item.payload, item.done is not None)
             except Exception:
                 _log.exception("handling a %s frame failed", item.frame_type)
             finally:
                 if item.done is not None and not item.done.done():
                     item.done.set_result(routed)
 
-    async def _process(self, frame_type: str, payload: Any) -> bool:
+    async def _process(self, frame_type: str, payload: Any, wait: bool) -> bool:
+        """Handle one frame; whether a turn was scheduled (``dispatch.new``: only when
+        ``wait``, for :meth:`feed`; otherwise its item is left to the pipeline)."""
         sources = self._sources
+        pipeline = self._pipeline
         if frame_type == p.FRAME_MESSAGE_NEW and isinstance(payload, Message):
-            return await sources.on_message(payload)
+            key = chat_key(payload.chat_id)
+            if not pipeline.busy(key):
+                return await sources.on_message(payload)
+            # Dispatch items of its chat are still being fetched: it goes after them,
+            # through the pipeline, and the frames behind it do not wait.
+            return await self._after(wait, key, sources.on_message, payload)
         if frame_type == p.FRAME_TASK_ASSIGNED and isinstance(payload, Task):
-            return await sources.on_task(payload)
+            key = task_key(payload.id)
+            if not pipeline.busy(key):
+                return await sources.on_task(payload)
+            return await self._after(wait, key, sources.on_task, payload)
         if frame_type == p.FRAME_DISPATCH_NEW and isinstance(payload, DispatchItem):
-            outcome = await sources.on_item(payload, EventOrigin.DISPATCH_NEW)
-            return outcome is ItemOutcome.DISPATCHED
+            outcome = pipeline.put(
+                item_key(payload),
+                functools.partial(sources.on_item, payload, EventOrigin.DISPATCH_NEW, None),
+                f"dispatch item {payload.id}",
+            )
+            return wait and await outcome is ItemOutcome.DISPATCHED
         if frame_type == p.FRAME_CHAT_UPDATE and isinstance(payload, ChatUpdate):
             self._chats.apply(payload)
         elif frame_type == p.FRAME_HELLO and isinstance(payload, Hello):
@@ -151,6 +173,22 @@ class Intake:
         else:
             _log.debug("ignoring a %s frame", frame_type)
         return False
+
+    async def _after(
+        self,
+        wait: bool,
+        key: str,
+        handle: Callable[[Any, Gate], Awaitable[bool]],
+        payload: Any,
+    ) -> bool:
+        async def live(gate: Gate) -> ItemOutcome:
+            routed = await handle(payload, gate)
+            # Only "dispatched or not" matters here (for feed()): a live event that is
+            # not routed has nothing pending of its own.
+            return ItemOutcome.DISPATCHED if routed else ItemOutcome.LEFT_PENDING
+
+        outcome = self._pipeline.put(key, live, f"a live {type(payload).__name__.lower()}")
+        return wait and await outcome is ItemOutcome.DISPATCHED
 
     async def _on_hello(self, hello: Hello) -> None:
         try:

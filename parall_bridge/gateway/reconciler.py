@@ -17,6 +17,7 @@ source the ledger already knows is never skipped at all.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -26,7 +27,8 @@ from ..client import ParallClient
 from ..errors import ParallError
 from ..events import EventOrigin
 from ..models import DispatchItem
-from .sources import ItemOutcome, Sources
+from .pipeline import ItemPipeline
+from .sources import ItemOutcome, Sources, item_key
 
 __all__ = ["Reconciler"]
 
@@ -42,6 +44,8 @@ class Reconciler:
         client: the REST client.
         org_id: the organisation.
         sources: handles each dispatch item and dispatches due retries.
+        pipeline: runs the items' handlers, ``fetch_concurrency`` at a time, each
+            chat's in order.
         next_retry_at: when the ledger's next failed event falls due.
         interval: seconds between timed passes while connected (``reconcile_interval``).
         outage_interval: seconds between timed passes while not connected
@@ -62,6 +66,7 @@ class Reconciler:
         client: ParallClient,
         org_id: str,
         sources: Sources,
+        pipeline: ItemPipeline,
         next_retry_at: Callable[[], float | None],
         interval: float,
         outage_interval: float,
@@ -76,6 +81,7 @@ class Reconciler:
         self._client = client
         self._org_id = org_id
         self._sources = sources
+        self._pipeline = pipeline
         self._next_retry_at = next_retry_at
         self._interval = interval
         self._outage_interval = outage_interval
@@ -175,17 +181,26 @@ class Reconciler:
         self._heard()
         if complete:
             self.passes += 1
+        if self._stopping:
+            return
+        # Every item's message or task is fetched through the pipeline, many at once;
+        # each reaches its lane after the items before it in its chat, and what waits
+        # in a lane is coalesced into the next turn.
+        handle = self._sources.on_item
+        futures = [
+            self._pipeline.put(
+                item_key(item),
+                functools.partial(handle, item, EventOrigin.CATCH_UP, cutoff),
+                f"dispatch item {item.id}",
+            )
+            for item in items
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
         outcomes: dict[ItemOutcome, int] = {}
         oldest: datetime | None = None
-        for item in items:
-            if self._stopping:
-                return
-            try:
-                outcome = await self._sources.on_item(item, EventOrigin.CATCH_UP, cutoff)
-            except Exception:
-                # One item must not stop the pass; it stays pending for the next one.
-                _log.exception("catch-up could not handle dispatch item %s", item.id)
-                outcome = ItemOutcome.LEFT_PENDING
+        for item, result in zip(items, results, strict=True):
+            # An item the pipeline dropped (shutdown) stays pending for the next pass.
+            outcome = result if isinstance(result, ItemOutcome) else ItemOutcome.LEFT_PENDING
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             if outcome is ItemOutcome.SKIPPED_OLD and item.created_at is not None:
                 oldest = item.created_at if oldest is None else min(oldest, item.created_at)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 import attrs
@@ -45,9 +45,13 @@ from .ledger import Claim, Ledger, Record, Verdict
 from .turns import ERROR_MESSAGE_LIMIT
 from .writer import PlatformWriter
 
-__all__ = ["ChatCache", "ItemOutcome", "Sources"]
+__all__ = ["ChatCache", "Gate", "ItemOutcome", "Sources", "chat_key", "item_key", "task_key"]
 
 _log = logging.getLogger("parall_bridge.gateway.sources")
+
+Gate = Callable[[], Awaitable[None]]
+"""Awaited by an item's handler right before it hands the event to a lane: returns once
+every earlier item of the same chat was handled (:class:`~.pipeline.ItemPipeline`)."""
 
 CHAT_PAGE_SIZE = 100
 DISPATCHABLE_TASK_STATUSES = frozenset({TaskStatus.TODO, TaskStatus.IN_PROGRESS})
@@ -97,6 +101,31 @@ class ChatCache:
             chat = await self._client.get_chat(self._org_id, chat_id)
             self._chats[chat_id] = chat
         return chat
+
+
+def chat_key(chat_id: str) -> str:
+    """The order key of a chat's events (:class:`~.pipeline.ItemPipeline`)."""
+    return f"chat:{chat_id}"
+
+
+def task_key(task_id: str) -> str:
+    """The order key of a task's events."""
+    return f"task:{task_id}"
+
+
+def item_key(item: DispatchItem) -> str:
+    """The order key of a dispatch item: its chat's, or its task's."""
+    if item.event_type == DispatchEventType.TASK_ASSIGN or (
+        item.source_type == SourceType.TASK_ACTIVITY
+    ):
+        return task_key(item.task_id or item.source_id or "")
+    if item.chat_id:
+        return chat_key(item.chat_id)
+    return f"source:{item.source_id}"
+
+
+async def _no_gate() -> None:
+    return None
 
 
 class ItemOutcome(enum.Enum):
@@ -163,8 +192,9 @@ class Sources:
 
     # --- live ------------------------------------------------------------------------
 
-    async def on_message(self, message: Message) -> bool:
-        """A ``message.new``: returns whether it was routed."""
+    async def on_message(self, message: Message, gate: Gate | None = None) -> bool:
+        """A ``message.new``: returns whether it was routed. ``gate`` is awaited right
+        before it goes to its lane."""
         if message.sender_id == self._agent_id:
             return False
         if message.message_type not in (MessageType.TEXT, MessageType.FILE):
@@ -177,13 +207,13 @@ class Sources:
             _log.debug("message %s already claimed (%s)", message.id, claim.verdict.value)
             return False
         try:
-            return await self._route_live(message)
+            return await self._route_live(message, gate or _no_gate)
         finally:
             # Whatever stopped it short of a lane (a filter, an error, a cancellation),
             # the claim must not outlive it; once queued this is a no-op.
             self._ledger.release(message.id)
 
-    async def _route_live(self, message: Message) -> bool:
+    async def _route_live(self, message: Message, gate: Gate) -> bool:
         try:
             chat = await self._chats.get(message.chat_id)
         except ParallError as exc:
@@ -203,6 +233,7 @@ class Sources:
         event = await self._message_event(message, chat, EventOrigin.LIVE, None)
         if event is None:
             return False
+        await gate()
         return self._submit(event)
 
     def _submit(self, event: ParallEvent) -> bool:
@@ -220,14 +251,17 @@ class Sources:
             return content.mentions_user(self._agent_id)
         return False
 
-    async def on_task(self, task: Task) -> bool:
+    async def on_task(self, task: Task, gate: Gate | None = None) -> bool:
         """A ``task.assigned``: returns whether it was routed. Only a task of this org,
-        assigned to this agent, to do or in progress, is."""
+        assigned to this agent, to do or in progress, is. ``gate`` is awaited before it
+        is claimed."""
         if not self._ours(task):
             return False
         if task.status not in DISPATCHABLE_TASK_STATUSES:
             return False
         event = self._task_event(task, EventOrigin.LIVE, None)
+        if gate is not None:
+            await gate()
         claim = self._claim(event.key, SourceType.TASK_ACTIVITY, task.id, EventOrigin.LIVE)
         if not claim.claimed:
             _log.info("skipping already-dispatched task %s", task.identifier or task.id)
@@ -237,12 +271,18 @@ class Sources:
     # --- dispatch items (dispatch.new and catch-up) ----------------------------------------
 
     async def on_item(
-        self, item: DispatchItem, origin: EventOrigin, cutoff: datetime | None = None
+        self,
+        item: DispatchItem,
+        origin: EventOrigin,
+        cutoff: datetime | None = None,
+        gate: Gate | None = None,
     ) -> ItemOutcome:
         """Handle one pending dispatch item: dispatch its source at once unless the
         ledger knows it (in flight: the row is attached; done: acked by id). An item
         created before ``cutoff`` whose source the ledger does not know is settled
-        without a turn (the cold-start rule)."""
+        without a turn (the cold-start rule). ``gate`` is awaited right before the
+        event goes to its lane (the items before it in its chat went first)."""
+        gate = gate or _no_gate
         if (
             cutoff is not None
             and item.created_at is not None
@@ -254,9 +294,9 @@ class Sources:
         if item.event_type == DispatchEventType.TASK_ASSIGN or (
             item.source_type == SourceType.TASK_ACTIVITY
         ):
-            return await self._task_item(item, origin)
+            return await self._task_item(item, origin, gate)
         if item.event_type == DispatchEventType.MESSAGE or item.source_type == SourceType.MESSAGE:
-            return await self._message_item(item, origin)
+            return await self._message_item(item, origin, gate)
         _log.info("leaving dispatch item %s of unknown type %r pending", item.id, item.event_type)
         return ItemOutcome.LEFT_PENDING
 
@@ -268,7 +308,9 @@ class Sources:
             return ItemOutcome.LEFT_PENDING
         return ItemOutcome.ATTACHED
 
-    async def _message_item(self, item: DispatchItem, origin: EventOrigin) -> ItemOutcome:
+    async def _message_item(
+        self, item: DispatchItem, origin: EventOrigin, gate: Gate
+    ) -> ItemOutcome:
         message_id = item.source_id
         if not message_id:
             return ItemOutcome.LEFT_PENDING
@@ -276,7 +318,9 @@ class Sources:
         if not claim.claimed:
             return self._settle_unclaimed(claim.verdict, item)
         try:
-            outcome = await self._dispatch_message_item(item, message_id, origin, claim.record)
+            outcome = await self._dispatch_message_item(
+                item, message_id, origin, claim.record, gate
+            )
         finally:
             parked = self._ledger.release(message_id)  # a no-op once queued or settled
         if parked is not None and outcome is ItemOutcome.LEFT_PENDING:
@@ -287,10 +331,16 @@ class Sources:
         return outcome
 
     async def _dispatch_message_item(
-        self, item: DispatchItem, message_id: str, origin: EventOrigin, record: Record | None
+        self,
+        item: DispatchItem,
+        message_id: str,
+        origin: EventOrigin,
+        record: Record | None,
+        gate: Gate,
     ) -> ItemOutcome:
         if record is not None and record.event is not None:
             # A failed event due for retry: the stored event is dispatched again.
+            await gate()
             self._lanes.submit((record.key,))
             return ItemOutcome.DISPATCHED
         try:
@@ -313,6 +363,7 @@ class Sources:
         event = await self._message_event(message, chat, origin, item.id)
         if event is None:
             return self._dismiss(item, message_id, origin)
+        await gate()
         self._submit(event)
         return ItemOutcome.DISPATCHED
 
@@ -383,7 +434,7 @@ class Sources:
         self._writer.ack(plan)
         return ItemOutcome.ACKED
 
-    async def _task_item(self, item: DispatchItem, origin: EventOrigin) -> ItemOutcome:
+    async def _task_item(self, item: DispatchItem, origin: EventOrigin, gate: Gate) -> ItemOutcome:
         task_id = item.task_id or item.source_id
         if not task_id:
             return ItemOutcome.LEFT_PENDING
@@ -410,6 +461,7 @@ class Sources:
             self._writer.ack(self._ledger.ack_row(item.id))
             return ItemOutcome.ACKED
         event = self._task_event(task, origin, item.id)
+        await gate()
         claim = self._claim(event.key, SourceType.TASK_ACTIVITY, task.id, origin, item.id)
         if not claim.claimed:
             return self._settle_unclaimed(claim.verdict, item)

@@ -26,6 +26,7 @@ from .intake import Intake
 from .lanes import Lanes
 from .ledger import Ledger
 from .persist import Persister
+from .pipeline import ItemPipeline
 from .presence import Presence
 from .reconciler import Reconciler
 from .turns import Turns
@@ -49,6 +50,7 @@ class Supervisor:
         config: the platform config's sync.
         ws: the WebSocket.
         intake: the inbound frames.
+        pipeline: the dispatch items being handled (closed after the intake).
         reconciler: catch-up and retries.
         lanes: the lanes.
         turns: the turn lifecycle.
@@ -71,6 +73,7 @@ class Supervisor:
         config: ConfigSync,
         ws: ParallWs,
         intake: Intake,
+        pipeline: ItemPipeline,
         reconciler: Reconciler,
         lanes: Lanes,
         turns: Turns,
@@ -89,6 +92,7 @@ class Supervisor:
         self.config = config
         self.ws = ws
         self.intake = intake
+        self.pipeline = pipeline
         self.reconciler = reconciler
         self.lanes = lanes
         self.turns = turns
@@ -157,6 +161,7 @@ class Supervisor:
         self._stopping = True
         self.reconciler.stop()
         await self.intake.close()
+        await self.pipeline.close()  # items not handed to a lane stay pending
         await self.config.close()
         await self._tasks.cancel()
         await self.lanes.close(self._grace)

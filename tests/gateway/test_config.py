@@ -59,6 +59,7 @@ def test_defaults_as_in_the_design() -> None:
     assert config.max_body_chars == 100_000
     assert config.cancel_grace == 5.0
     assert config.hook_timeout == 30.0
+    assert config.fetch_concurrency == 16
     assert config.write_concurrency == 8
 
 
@@ -442,6 +443,7 @@ def test_ack_dead_letters_must_be_a_bool(value: object) -> None:
         ("hook_timeout", 0, "positive"),
         ("cancel_grace", -1, "non-negative"),
         ("max_body_chars", 0, "integer >= 1"),
+        ("fetch_concurrency", 0, "integer >= 1"),
         ("write_concurrency", 0, "integer >= 1"),
     ],
 )

@@ -15,6 +15,7 @@ import pytest
 
 from parall_bridge import DispatchItem, EventOrigin, ProtocolError, StepType
 from parall_bridge import protocol as p
+from parall_bridge.gateway.sources import Gate as ItemGate
 from parall_bridge.gateway.sources import ItemOutcome, Sources
 from parall_bridge.models import Chat, User
 from parall_bridge.runtime import ForkOutcome, SessionRef, Turn
@@ -145,12 +146,16 @@ async def test_an_unexpected_error_on_one_item_does_not_stop_catch_up(
     broken = [first.id]
 
     async def on_item(
-        self: Sources, item: DispatchItem, origin: EventOrigin, cutoff: datetime | None = None
+        self: Sources,
+        item: DispatchItem,
+        origin: EventOrigin,
+        cutoff: datetime | None = None,
+        gate: ItemGate | None = None,
     ) -> ItemOutcome:
         if item.source_id in broken:
             broken.clear()
             raise RuntimeError("a bug")
-        return await original(self, item, origin, cutoff)
+        return await original(self, item, origin, cutoff, gate)
 
     monkeypatch.setattr(Sources, "on_item", on_item)
     runtime = ScriptedRuntime()

@@ -368,7 +368,8 @@ async def test_catch_up_deleted_sources_stale_tasks_and_transient_failures(
     stale = server.assign_task("Stale", assignee_id=agent.user_id, creator_id=ada.id)
     server.update_task(stale.id, assignee_id=bob.id)
     server.fail_next(p.GET_MESSAGE, status=503, times=4)  # first fetch of `flaky`, all retries
-    async with running(server, agent, ready=False) as run:
+    # One fetch at a time, so that the four failures all land on `flaky`.
+    async with running(server, agent, ready=False, fetch_concurrency=1) as run:
         # The first pass (at start) leaves `flaky` pending, acks the deleted message and
         # the stale task without a turn; a later pass (after hello) fetches `flaky`.
         await run.wait_for(lambda: not run.pending())
