@@ -154,8 +154,13 @@ class Intake:
                 return await sources.on_task(payload)
             return await self._after(wait, key, sources.on_task, payload)
         if frame_type == p.FRAME_DISPATCH_NEW and isinstance(payload, DispatchItem):
+            key = item_key(payload)
+            if not pipeline.busy(key) and sources.in_hand(payload):
+                # The row of a message already handled live: attached or acked at once.
+                outcome_now = await sources.on_item(payload, EventOrigin.DISPATCH_NEW)
+                return outcome_now is ItemOutcome.DISPATCHED
             outcome = pipeline.put(
-                item_key(payload),
+                key,
                 functools.partial(sources.on_item, payload, EventOrigin.DISPATCH_NEW, None),
                 f"dispatch item {payload.id}",
             )

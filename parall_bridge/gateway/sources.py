@@ -300,6 +300,14 @@ class Sources:
         _log.info("leaving dispatch item %s of unknown type %r pending", item.id, item.event_type)
         return ItemOutcome.LEFT_PENDING
 
+    def in_hand(self, item: DispatchItem) -> bool:
+        """Whether the event of a message item is already known (the usual
+        ``dispatch.new`` after its ``message.new``): handling it fetches nothing."""
+        if item.event_type == DispatchEventType.TASK_ASSIGN or not item.source_id:
+            return False
+        record = self._ledger.by_source(SourceType.MESSAGE, item.source_id)
+        return record is not None and record.event is not None
+
     def _settle_unclaimed(self, verdict: Verdict, item: DispatchItem) -> ItemOutcome:
         if verdict is Verdict.DONE or (verdict is Verdict.DEAD and self._ledger.ack_dead):
             self._writer.ack(self._ledger.ack_row(item.id))
