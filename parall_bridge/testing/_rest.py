@@ -554,8 +554,20 @@ class RestApi:
     # --- dispatch ---------------------------------------------------------------------------
 
     async def list_dispatch(self, request: web.Request) -> web.Response:
-        """``GET /orgs/{org}/dispatch``: the caller's items not yet acked, oldest first."""
-        return self._page(request, self._state.pending_dispatch(self._org(request)))
+        """``GET /orgs/{org}/dispatch``: the caller's items not yet acked, oldest first
+        (a page costs its own rows, not the whole queue: see ``_DispatchQueue``)."""
+        caller = self._org(request)
+        limit = self._limit(request)
+        raw_cursor = request.query.get(QUERY_CURSOR)
+        after = None if raw_cursor is None else _decode_cursor(raw_cursor)
+        page, has_more = self._state.dispatch_page(caller, after, limit)
+        return _json(
+            {
+                "data": [wire for _, wire in page],
+                "has_more": has_more,
+                "next_cursor": _encode_cursor(page[-1][0]) if has_more else None,
+            }
+        )
 
     async def ack_dispatch(self, request: web.Request) -> web.Response:
         """``POST /orgs/{org}/dispatch/ack`` (by source)."""

@@ -406,6 +406,15 @@ class FakeParallServer:
         records = self._state.dispatch_records(agent_id, include_acked=include_acked)
         return [structure(item, DispatchItem) for item in records]
 
+    def dispatch_count(self, agent_id: str, *, acked: bool = False) -> int:
+        """How many of the agent's dispatch items are pending (with ``acked``: how many
+        were acked), without building them: cheap enough to poll under load."""
+        return self._state.dispatch_count(agent_id, acked=acked)
+
+    def step_count(self, agent_id: str) -> int:
+        """How many steps the agent wrote (all sessions), without building them."""
+        return self._state.step_count(agent_id)
+
     def messages(self, chat_id: str) -> list[Message]:
         """The chat's messages (deleted ones left out), oldest first."""
         return [structure(m, Message) for _, m in self._state.chat_messages(chat_id)]
