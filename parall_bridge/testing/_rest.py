@@ -259,14 +259,16 @@ class RestApi:
         *,
         state: EmulatorState,
         faults: FaultInjector,
-        requests: list[RecordedRequest],
+        requests: list[RecordedRequest] | None,
         max_page_size: int,
         include_ws_url_in_ticket: bool,
         closing: asyncio.Event,
+        latency: float = 0.0,
     ) -> None:
         self._state = state
         self._faults = faults
         self._requests = requests
+        self._latency = latency
         self._max_page_size = max_page_size
         self._include_ws_url = include_ws_url_in_ticket
         self._closing = closing
@@ -321,11 +323,13 @@ class RestApi:
             return await handler(request)
         endpoint = self._endpoint_of(request)
         raw = await request.read()
-        resource = request.match_info.route.resource
-        is_upload = resource is not None and resource.canonical == UPLOAD_ROUTE
         api_key = _bearer(request)
         status: int | None = None
         try:
+            if self._latency:
+                # The simulated round trip: the request is acted on and answered this
+                # much later, as over a network (faults and errors included).
+                await asyncio.sleep(self._latency)
             fault = self._faults.take(endpoint) if endpoint is not None else None
             response = await self._respond(request, handler, fault, api_key)
             if response is None:
@@ -333,16 +337,22 @@ class RestApi:
             status = response.status
             return response
         finally:
-            self._requests.append(
-                RecordedRequest(
-                    method=request.method,
-                    path=request.rel_url.raw_path,
-                    query=dict(request.query.items()),
-                    json=None if is_upload else _recorded_json(raw),
-                    user_id=self._state.key_owner(api_key) if api_key else None,
-                    status=status,
-                )
-            )
+            if self._requests is not None:
+                self._requests.append(self._recorded(request, raw, api_key, status))
+
+    def _recorded(
+        self, request: web.Request, raw: bytes, api_key: str | None, status: int | None
+    ) -> RecordedRequest:
+        resource = request.match_info.route.resource
+        is_upload = resource is not None and resource.canonical == UPLOAD_ROUTE
+        return RecordedRequest(
+            method=request.method,
+            path=request.rel_url.raw_path,
+            query=dict(request.query.items()),
+            json=None if is_upload else _recorded_json(raw),
+            user_id=self._state.key_owner(api_key) if api_key else None,
+            status=status,
+        )
 
     async def _respond(
         self, request: web.Request, handler: Handler, fault: Fault | None, api_key: str | None

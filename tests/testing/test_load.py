@@ -1,12 +1,20 @@
-"""What the emulator offers long runs and benchmarks: counts that are cheap to poll, and a
+"""What the emulator offers long runs and benchmarks: a simulated round trip on every
+REST answer, recording that can be turned off, counts that are cheap to poll, and a
 dispatch queue whose pages and acks cost the rows they touch."""
 
 from __future__ import annotations
 
+import asyncio
+import math
+import signal
+import sys
+import time
 from collections.abc import Callable
 
+import aiohttp
 import pytest
 
+from parall_bridge.cli import main
 from parall_bridge.protocol import (
     ACK_DISPATCH,
     ACK_DISPATCH_BY_ID,
@@ -14,12 +22,73 @@ from parall_bridge.protocol import (
     CREATE_AGENT_STEP,
     LIST_DISPATCH,
     MARK_DISPATCH_RECEIVED,
+    ME,
 )
 from parall_bridge.testing import FakeParallServer
 
-from ._helpers import Api
+from ._helpers import Api, receive
 
 ApiFactory = Callable[[str | None], Api]
+
+LATENCY = 0.25
+"""The simulated round trip of the latency test: far above a loopback request's time."""
+
+
+def test_latency_is_validated() -> None:
+    for bad in (-0.001, math.nan, math.inf):
+        with pytest.raises(ValueError, match="latency"):
+            FakeParallServer(latency=bad)
+    assert FakeParallServer().latency == 0.0
+    assert FakeParallServer(latency=0.002).latency == 0.002
+
+
+@pytest.mark.asyncio
+async def test_latency_delays_every_rest_answer(http: aiohttp.ClientSession) -> None:
+    """Each request, answered or refused, takes at least the round trip; the WebSocket's
+    frames are not delayed."""
+    async with FakeParallServer(latency=LATENCY) as server:
+        agent = server.add_agent()
+        human = server.add_user("Ada")
+        chat = server.add_chat(members=[human.id, agent.user_id])
+        api = Api(server, http, agent.api_key)
+        for key in (agent.api_key, None):  # a 200, then a 401
+            started = time.monotonic()
+            reply = await Api(server, http, key).call(ME)
+            elapsed = time.monotonic() - started
+            assert reply.status == (200 if key else 401)
+            assert elapsed >= LATENCY, elapsed
+
+        ws = await api.open_ws()  # the ticket took LATENCY; the frames do not
+        started = time.monotonic()
+        message = server.post_message(chat.id, human.id, "hi")
+        frame = await receive(ws)
+        assert frame["data"]["id"] == message.id
+        assert time.monotonic() - started < LATENCY
+        await ws.close()
+
+
+@pytest.mark.asyncio
+async def test_recording_can_be_turned_off(http: aiohttp.ClientSession) -> None:
+    async with FakeParallServer(record_requests=False, record_ws_frames=False) as server:
+        agent = server.add_agent()
+        api = Api(server, http, agent.api_key)
+        await api.ok(ME)
+        ws = await api.open_ws()
+        await ws.send_json({"type": "ping", "data": {"ts": 1}})
+        assert (await receive(ws))["type"] == "pong"  # the frame was read, not kept
+        await ws.close()
+        assert server.requests == []
+        assert server.ws_frames == []
+    async with FakeParallServer() as server:  # the default keeps both
+        agent = server.add_agent()
+        api = Api(server, http, agent.api_key)
+        await api.ok(ME)
+        ws = await api.open_ws()
+        await ws.send_json({"type": "ping", "data": {}})
+        await receive(ws)
+        await ws.close()
+        assert [r.path for r in server.requests][-2:] == ["/api/v1/users/me", "/api/v1/ws/ticket"]
+        assert [f.type for f in server.ws_frames] == ["ping"]
 
 
 @pytest.mark.asyncio
@@ -115,3 +184,48 @@ async def test_dispatch_pages_and_acks_in_any_order(
     everything = parall_server.dispatch_items(agent.user_id, include_acked=True)
     assert [i.source_id for i in everything] == posted
     assert {i.status for i in everything} == {"acked"}
+
+
+def test_the_emulator_command_refuses_a_bad_latency(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit) as exited:
+            main(["emulator", "--latency", bad])
+        assert exited.value.code == 2
+        assert "--latency" in capsys.readouterr().err
+
+
+@pytest.mark.asyncio
+async def test_the_emulator_command_serves_with_latency(http: aiohttp.ClientSession) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "parall_bridge",
+        "emulator",
+        "--port",
+        "0",
+        "--latency",
+        str(LATENCY),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        lines: list[str] = []
+        async with asyncio.timeout(20):
+            while not lines or not lines[-1].startswith("Ctrl-C"):
+                lines.append((await process.stdout.readline()).decode().strip())
+        assert f"Every REST answer waits {LATENCY * 1000:g} ms" in "\n".join(lines)
+        env = dict(line.split("=", 1) for line in lines if line.startswith("PRLL_"))
+        headers = {"Authorization": f"Bearer {env['PRLL_API_KEY']}"}
+        started = time.monotonic()
+        async with http.get(env["PRLL_API_URL"] + ME.path, headers=headers) as response:
+            assert response.status == 200
+        assert time.monotonic() - started >= LATENCY
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+        try:
+            assert await asyncio.wait_for(process.wait(), 20) == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
