@@ -17,14 +17,15 @@ process, so its CPU time and memory are measured apart from the emulator's.
   doing the I/O an event needs (a bare ``ParallWs`` receiving ``message.new``, then
   for each event, concurrently: mark received, the input step, ack by source); and
   this process's CPU time per event, same runs.
-- rss: RSS growth over 200,000 live events through the whole gateway, after a warm-up;
+- rss: RSS growth over 200,000 live events (400 a second) through the whole gateway,
+  after a warm-up;
   then tracemalloc's top 10 lines over 20,000 more (tracemalloc is off while RSS is
   measured: it slows the gateway threefold, which lets the writer keep up and hides
   the growth, and its own memory would count).
 - writer: the step and status writer's backlog, sampled during the live and rss runs,
   what it shed, and what a shutdown right after a 2,000-item catch-up abandoned.
 - latency: post to turn start with the SQLite store on, p50 and p99, against the
-  floor (the same ``message.new`` reaching a bare ``ParallWs`` in this process).
+  floor (a ``message.new`` reaching a bare ``ParallWs`` in this process, alone).
 - burst: 300 messages into one chat during a 200 ms turn: how many turns they take.
 
 Run ``make bench`` (or ``python -m benchmarks.perf``); ``--quick`` is the smoke run
@@ -97,6 +98,9 @@ SLOW: Final = 0.020
 CHATS: Final = 50
 BURST_TURN: Final = 0.2
 """How long the turn the burst arrives during takes (seconds)."""
+RSS_RATE: Final = 400.0
+"""Events a second of the RSS run: what the gateway keeps up with here (about 700 at
+most, coalescing), turns one event each, faster than its writer at 2 ms."""
 SAMPLE_INTERVAL: Final = 0.1
 """How often the writer's backlog is sampled (seconds)."""
 IDLE_POLL: Final = 0.001
@@ -154,12 +158,12 @@ class Sizes:
             baseline_items=15,
             baseline_items_slow=3,
             shutdown_items=100,
-            live_warm=30,
-            live_events=150,
-            rss_warm=30,
-            rss_events=150,
-            rss_traced=50,
-            window=30,
+            live_warm=20,
+            live_events=100,
+            rss_warm=20,
+            rss_events=100,
+            rss_traced=30,
+            window=20,
             latency_warm=3,
             latency_samples=15,
             burst=150,
@@ -528,11 +532,13 @@ class _GatewayRun:
 
 
 async def _wait_idle(gateway: Gateway, within: float) -> None:
-    """Until no turn runs or waits (polled every :data:`IDLE_POLL`)."""
+    """Until no turn runs or waits and the writer has nothing left to write (polled
+    every :data:`IDLE_POLL`)."""
     async with asyncio.timeout(within):
         while True:
             stats = gateway.stats()
-            if stats.active_turns == 0 and stats.queued == 0:
+            idle = stats.active_turns == 0 and stats.queued == 0
+            if idle and not _writer_now(gateway).pending_max:
                 return
             await asyncio.sleep(IDLE_POLL)
 
@@ -790,11 +796,12 @@ async def live(
 async def rss(
     emulator: EmulatorProcess, warm: int, events: int, traced: int, window: int
 ) -> tuple[list[Figure], dict[str, Any]]:
-    """RSS growth over ``events`` live events through the gateway after ``warm`` of them,
-    then tracemalloc's top 10 lines over ``traced`` more (what is allocated per event and
-    still held). tracemalloc is not on while RSS is measured: it slows the gateway about
-    threefold, and a slower gateway lets its writer keep up better, which would hide the
-    growth being measured; its own memory would count too."""
+    """RSS growth over ``events`` live events (:data:`RSS_RATE` a second) through the
+    gateway after ``warm`` of them, then tracemalloc's top 10 lines over ``traced`` more
+    (what is allocated per event and still held). tracemalloc is not on while RSS is
+    measured: it slows the gateway about threefold, and a slower gateway lets its writer
+    keep up better, which would hide the growth being measured; its own memory would
+    count too."""
     account = await emulator.call("setup", chats=CHATS)
     agent_id = account["agent_id"]
     total = warm + events + traced + window
@@ -807,7 +814,9 @@ async def rss(
         async with run:
             await run.gateway.wait_ready()
             with _WriterSampler(run.gateway) as sampler:
-                await emulator.call("stream", agent=agent_id, count=total, window=window)
+                await emulator.call(
+                    "stream", agent=agent_id, count=total, window=window, rate=RSS_RATE
+                )
                 await emulator.call("wait_acked", agent=agent_id, count=warm, timeout=timeout)
                 gc.collect()
                 rss_start = _status_mib("VmRSS")
@@ -844,7 +853,7 @@ async def rss(
             "MiB",
             rss_end - rss_start,
             goal=Goal("ours", "<", 10),
-            note=f"VmRSS after {warm:,} events of warm-up to {events:,} events later",
+            note=f"VmRSS from after {warm:,} events to {events:,} later, {RSS_RATE:g}/s",
         ),
     ]
     details = {
@@ -852,6 +861,8 @@ async def rss(
         "warm": warm,
         "traced": traced,
         "window": window,
+        "rate": RSS_RATE,
+        "gateway_turns": runtime.turns,
         "rss_start_mib": rss_start,
         "rss_end_mib": rss_end,
         "hwm_end_mib": hwm_end,
@@ -918,46 +929,37 @@ async def shutdown(emulator: EmulatorProcess, items: int) -> tuple[list[Figure],
 async def dispatch_latency(
     emulator: EmulatorProcess, warm: int, samples: int
 ) -> tuple[list[Figure], dict[str, Any]]:
-    """Post to turn start with the SQLite store, one message at a time, against the
-    same message reaching a bare ``ParallWs`` (the floor)."""
-    account = await emulator.call("setup", chats=1)
-    runtime = _BenchRuntime()
+    """Post to turn start with the SQLite store, one message at a time (the gateway idle,
+    its writes done, before each), against the floor: post to a bare ``ParallWs``
+    receiving the same ``message.new``, measured alone first (on the same host, a bare
+    socket read beside the gateway's would put its decoding on the gateway's path)."""
     received = _Arrivals()
-    raw: list[float] = []
     floor: list[float] = []
-    added: list[float] = []
 
     def on_message(message: Message) -> None:
         received.mark(message.id, time.monotonic())
 
+    bare = await emulator.call("setup", chats=1)
+    async with ParallClient(emulator.url, bare["api_key"]) as client:
+        ws = ParallWs(client.get_ws_ticket)
+        ws.on("message.new", on_message)
+        await ws.connect()
+        try:
+            for n in range(warm + samples):
+                posted = await emulator.call("post", agent=bare["agent_id"])
+                seen = await received.wait(posted["ids"][0], 10)
+                if n >= warm:
+                    floor.append((seen - posted["at"]) * 1000)
+        finally:
+            await ws.disconnect()
+
     with tempfile.TemporaryDirectory(prefix="perf-store-") as folder:
         store = SqliteStateStore(Path(folder) / "state.db")
         try:
-            async with ParallClient(emulator.url, account["api_key"]) as client:
-                ws = ParallWs(client.get_ws_ticket)
-                ws.on("message.new", on_message)
-                await ws.connect()
-                try:
-                    run = _GatewayRun(emulator, account["api_key"], runtime, store=store)
-                    async with run:
-                        await run.gateway.wait_ready()
-                        for n in range(warm + samples):
-                            posted = await emulator.call("post", agent=account["agent_id"])
-                            message_id = posted["ids"][0]
-                            start = await runtime.started.wait(message_id, 10)
-                            seen = await received.wait(message_id, 10)
-                            await emulator.call(
-                                "wait_acked", agent=account["agent_id"], count=n + 1, timeout=10
-                            )
-                            await _wait_idle(run.gateway, 10)
-                            if n >= warm:
-                                raw.append((start - posted["at"]) * 1000)
-                                floor.append((seen - posted["at"]) * 1000)
-                                added.append((start - seen) * 1000)
-                finally:
-                    await ws.disconnect()
+            raw = await _turn_starts(emulator, warm, samples, store)
         finally:
             await store.close()
+    memory = await _turn_starts(emulator, warm, samples, None)
     figures = [
         Figure(
             f"latency_p{pct}",
@@ -966,7 +968,7 @@ async def dispatch_latency(
             _percentile(raw, pct),
             _percentile(floor, pct),
             Goal("added", "<", limit),
-            "baseline: the same message.new reaching a bare ParallWs (the floor)",
+            "baseline: post to a bare ParallWs receiving the message.new (the floor)",
         )
         for pct, limit in ((50, 1.0), (99, 5.0))
     ]
@@ -974,13 +976,31 @@ async def dispatch_latency(
         "samples": samples,
         "raw_ms": {"p50": _percentile(raw, 50), "p99": _percentile(raw, 99)},
         "floor_ms": {"p50": _percentile(floor, 50), "p99": _percentile(floor, 99)},
-        "added_per_message_ms": {
-            "p50": _percentile(added, 50),
-            "p99": _percentile(added, 99),
-            "mean": statistics.fmean(added),
-        },
+        "raw_mean_ms": statistics.fmean(raw),
+        "floor_mean_ms": statistics.fmean(floor),
+        "memory_store_ms": {"p50": _percentile(memory, 50), "p99": _percentile(memory, 99)},
     }
     return figures, details
+
+
+async def _turn_starts(
+    emulator: EmulatorProcess, warm: int, samples: int, store: StateStore | None
+) -> list[float]:
+    """Post to turn start (ms) of ``samples`` messages posted one at a time, each once
+    the gateway is idle and its writes are done."""
+    account = await emulator.call("setup", chats=1)
+    runtime = _BenchRuntime()
+    starts: list[float] = []
+    async with _GatewayRun(emulator, account["api_key"], runtime, store=store) as run:
+        await run.gateway.wait_ready()
+        for n in range(warm + samples):
+            await _wait_idle(run.gateway, 10)
+            posted = await emulator.call("post", agent=account["agent_id"])
+            start = await runtime.started.wait(posted["ids"][0], 10)
+            if n >= warm:
+                starts.append((start - posted["at"]) * 1000)
+            await emulator.call("wait_acked", agent=account["agent_id"], count=n + 1, timeout=10)
+    return starts
 
 
 async def burst(emulator: EmulatorProcess, count: int) -> tuple[list[Figure], dict[str, Any]]:
