@@ -38,6 +38,7 @@ test: lint typecheck pytest
 
 bench: $(VENV)/.installed-dev
 	$(PY) -m benchmarks
+	$(PY) -m benchmarks.perf
 
 soak: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.soak

@@ -11,7 +11,8 @@
 - ``check``: check that configuration without running anything: the key and
   the agent, the platform config, the dispatch queue, a WebSocket ``hello``.
 - ``emulator``: serve the Parall emulator on a local port until interrupted,
-  printing its URL and an agent API key, to point a client or gateway at.
+  printing its URL and an agent API key, to point a client or gateway at
+  (``--latency SECONDS`` delays every REST answer: a simulated round trip).
 
 Exit status: 0 on success, 1 when the platform refused or failed, 2 on a usage
 or configuration error.
@@ -25,6 +26,7 @@ import contextlib
 import importlib
 import inspect
 import logging
+import math
 import os
 import re
 import signal
@@ -71,10 +73,10 @@ def _print(text: str = "") -> None:
         os.dup2(devnull, sys.stdout.fileno())
 
 
-async def _emulator(port: int) -> int:
+async def _emulator(port: int, latency: float = 0.0) -> int:
     from .testing import FakeParallServer
 
-    async with FakeParallServer(port=port) as server:
+    async with FakeParallServer(port=port, latency=latency) as server:
         agent = server.add_agent("Agent")
         human = server.add_user("Human")
         chat = server.add_chat(type="direct", members=[human.id, agent.user_id])
@@ -83,6 +85,8 @@ async def _emulator(port: int) -> int:
         _print(f"  PRLL_API_KEY={agent.api_key}")
         _print(f"  PRLL_ORG_ID={server.org_id}")
         _print(f"  agent {agent.user_id}, human {human.id}, direct chat {chat.id}")
+        if latency:
+            _print(f"Every REST answer waits {latency * 1000:g} ms (a simulated round trip).")
         human_key = server.add_api_key(human.id)
         send = server.url + p.SEND_MESSAGE.format(org_id=server.org_id, chat_id=chat.id)
         _print("Post as the human (the agent gets it live and in its dispatch queue):")
@@ -270,6 +274,17 @@ async def check(config: GatewayConfig, out: Callable[[str], None] = _print) -> i
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _seconds(text: str) -> float:
+    """A finite number of seconds >= 0 (an argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _usage_error(exc: Exception) -> int:
     print(f"configuration error: {exc}", file=sys.stderr)
     return EXIT_USAGE
@@ -302,13 +317,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("check", help="check the PRLL_* configuration against the platform")
     emulator = commands.add_parser("emulator", help="serve the Parall emulator locally")
     emulator.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (8765)")
+    emulator.add_argument(
+        "--latency",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long before every REST answer, a simulated round trip (0)",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
 
         return asyncio.run(run_demo(_print))
     if args.command == "emulator":
-        return asyncio.run(_emulator(args.port))
+        return asyncio.run(_emulator(args.port, args.latency))
     try:
         overrides = {"state_path": args.state} if getattr(args, "state", None) else {}
         config = GatewayConfig.from_env(**overrides)

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
+import math
+import os
+from pathlib import Path
 
 import pytest
 
+from benchmarks import perf
 from benchmarks.bench import BenchResult, run_benchmarks
 from benchmarks.crash import crash_soak
 from benchmarks.fuzz import FuzzReport, Outcome, Target, fuzz
@@ -37,6 +42,91 @@ async def test_bench_smoke() -> None:
         assert result.ours > 0
         assert result.baseline > 0
         assert " -> " in result.line()
+
+
+PERF_KEYS = [
+    "catch_up_2ms",
+    "catch_up_2ms_fifo",
+    "catch_up_2ms_turns",
+    "catch_up_20ms",
+    "catch_up_20ms_fifo",
+    "catch_up_20ms_turns",
+    "live_throughput",
+    "cpu_per_event",
+    "rss_growth",
+    "writes_abandoned",
+    "shutdown_seconds",
+    "latency_p50",
+    "latency_p99",
+    "burst_turns",
+    "writer_backlog_max",
+    "writes_shed",
+]
+"""Every figure of a full ``make bench`` perf run, in the order of the table."""
+
+
+def _perf_children() -> list[int]:
+    """Emulator processes of the perf benchmarks still running under this process."""
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
+            cmdline = (status.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(os.getpid()) and b"perf_emulator" in cmdline:
+            children.append(int(status.parent.name))
+    return children
+
+
+def test_perf_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The quick perf run completes, every figure is there and consistent (ratios from
+    ours and baseline, FIFO held, goals evaluated), the table and the JSON say the same,
+    and no emulator process is left. Whether the goals are met is the full run's."""
+    out = tmp_path / "perf.json"
+    assert perf.main(["--quick", "--json", str(out), "--log", str(tmp_path / "perf.log")]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["quick"] is True
+    assert report["meta"]["cores"] == os.cpu_count()
+    assert set(report["meta"]["benchmark_seconds"]) == set(perf.BENCHMARKS)
+    figures = {f["key"]: f for f in report["figures"]}
+    assert [f["key"] for f in report["figures"]] == PERF_KEYS
+    for key, figure in figures.items():
+        assert isinstance(figure["ours"], int | float), key
+        assert math.isfinite(figure["ours"]), key
+        if figure["baseline"] is None:
+            assert figure["ratio"] is None, key
+        else:
+            assert figure["baseline"] > 0, key
+            assert figure["ratio"] == pytest.approx(figure["ours"] / figure["baseline"]), key
+            assert figure["added"] == pytest.approx(figure["ours"] - figure["baseline"]), key
+        assert (figure["goal"] is None) == (figure["met"] is None), key
+        assert figure["name"] in printed, key
+    for latency in ("2ms", "20ms"):
+        details = report["details"][f"catch_up_{latency}"]
+        assert figures[f"catch_up_{latency}_fifo"]["ours"] == 0  # FIFO per chat held
+        assert details["gateway_events"] == details["items"]  # each item once
+        assert 1 <= figures[f"catch_up_{latency}_turns"]["ours"] <= details["items"]
+        assert details["serial"]["items_run"] >= 1
+    assert figures["catch_up_2ms"]["ours"] > 0
+    live = report["details"]["live"]
+    assert live["gateway"]["events"] == live["loop"]["events"] == live["events"]
+    assert figures["cpu_per_event"]["ours"] == pytest.approx(
+        live["gateway"]["cpu_seconds"] * 1000 / live["events"]
+    )
+    assert len(report["details"]["rss"]["tracemalloc_top10"]) == 10
+    assert report["details"]["latency"]["samples"] == perf.Sizes.quick().latency_samples
+    assert report["details"]["burst"]["fifo"] is True
+    assert report["details"]["burst"]["posted_during_the_turn"] is True
+    table = printed[printed.index("benchmark ") :].splitlines()
+    assert table[0].split() == ["benchmark", "ours", "baseline", "ratio", "goal", "met"]
+    for line, figure in zip(table[2:], report["figures"], strict=False):
+        assert line.startswith(figure["name"] + " ")
+        assert line.split()[-1] == {True: "yes", False: "NO", None: "-"}[figure["met"]]
+    assert _perf_children() == []
 
 
 @pytest.mark.asyncio

@@ -259,14 +259,16 @@ class RestApi:
         *,
         state: EmulatorState,
         faults: FaultInjector,
-        requests: list[RecordedRequest],
+        requests: list[RecordedRequest] | None,
         max_page_size: int,
         include_ws_url_in_ticket: bool,
         closing: asyncio.Event,
+        latency: float = 0.0,
     ) -> None:
         self._state = state
         self._faults = faults
         self._requests = requests
+        self._latency = latency
         self._max_page_size = max_page_size
         self._include_ws_url = include_ws_url_in_ticket
         self._closing = closing
@@ -321,11 +323,13 @@ class RestApi:
             return await handler(request)
         endpoint = self._endpoint_of(request)
         raw = await request.read()
-        resource = request.match_info.route.resource
-        is_upload = resource is not None and resource.canonical == UPLOAD_ROUTE
         api_key = _bearer(request)
         status: int | None = None
         try:
+            if self._latency:
+                # The simulated round trip: the request is acted on and answered this
+                # much later, as over a network (faults and errors included).
+                await asyncio.sleep(self._latency)
             fault = self._faults.take(endpoint) if endpoint is not None else None
             response = await self._respond(request, handler, fault, api_key)
             if response is None:
@@ -333,16 +337,22 @@ class RestApi:
             status = response.status
             return response
         finally:
-            self._requests.append(
-                RecordedRequest(
-                    method=request.method,
-                    path=request.rel_url.raw_path,
-                    query=dict(request.query.items()),
-                    json=None if is_upload else _recorded_json(raw),
-                    user_id=self._state.key_owner(api_key) if api_key else None,
-                    status=status,
-                )
-            )
+            if self._requests is not None:
+                self._requests.append(self._recorded(request, raw, api_key, status))
+
+    def _recorded(
+        self, request: web.Request, raw: bytes, api_key: str | None, status: int | None
+    ) -> RecordedRequest:
+        resource = request.match_info.route.resource
+        is_upload = resource is not None and resource.canonical == UPLOAD_ROUTE
+        return RecordedRequest(
+            method=request.method,
+            path=request.rel_url.raw_path,
+            query=dict(request.query.items()),
+            json=None if is_upload else _recorded_json(raw),
+            user_id=self._state.key_owner(api_key) if api_key else None,
+            status=status,
+        )
 
     async def _respond(
         self, request: web.Request, handler: Handler, fault: Fault | None, api_key: str | None
@@ -554,8 +564,20 @@ class RestApi:
     # --- dispatch ---------------------------------------------------------------------------
 
     async def list_dispatch(self, request: web.Request) -> web.Response:
-        """``GET /orgs/{org}/dispatch``: the caller's items not yet acked, oldest first."""
-        return self._page(request, self._state.pending_dispatch(self._org(request)))
+        """``GET /orgs/{org}/dispatch``: the caller's items not yet acked, oldest first
+        (a page costs its own rows, not the whole queue: see ``_DispatchQueue``)."""
+        caller = self._org(request)
+        limit = self._limit(request)
+        raw_cursor = request.query.get(QUERY_CURSOR)
+        after = None if raw_cursor is None else _decode_cursor(raw_cursor)
+        page, has_more = self._state.dispatch_page(caller, after, limit)
+        return _json(
+            {
+                "data": [wire for _, wire in page],
+                "has_more": has_more,
+                "next_cursor": _encode_cursor(page[-1][0]) if has_more else None,
+            }
+        )
 
     async def ack_dispatch(self, request: web.Request) -> web.Response:
         """``POST /orgs/{org}/dispatch/ack`` (by source)."""

@@ -11,6 +11,7 @@ an :class:`EventSink` (the WebSocket hub) in the order they happen.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import copy
 import itertools
 import logging
@@ -223,11 +224,100 @@ class _MessageRecord:
     deleted: bool = False
 
 
-@attrs.define
+@attrs.define(eq=False)
 class _DispatchRecord:
     wire: Wire
     ordinal: int
     acked: bool = False
+
+
+COMPACT_MIN_STALE: Final = 64
+"""Acked rows a dispatch queue tolerates in its pending list before it compacts it."""
+
+
+class _DispatchQueue:
+    """One agent's dispatch items, indexed so that every operation costs no more than
+    the rows it touches: listing a page (bisect on the cursor), acking by id or by
+    source, marking received, counting. Acking 10,000 pending items is then linear,
+    not quadratic (each used to scan every row the agent ever had).
+
+    ``records`` keeps every item, acked or not, in FIFO order (for inspection). The
+    pending list drops acked rows lazily: ``_head`` skips the acked prefix (acks come
+    mostly in FIFO order), and the list is compacted once acked rows are more than
+    half of it, so a page skips at most as many acked rows as there are pending ones.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[_DispatchRecord] = []
+        self.pending = 0
+        self.acked = 0
+        self._by_id: dict[str, _DispatchRecord] = {}
+        self._by_source: dict[tuple[str, str], list[_DispatchRecord]] = {}
+        self._live: list[_DispatchRecord] = []
+        self._ordinals: list[int] = []
+        self._head = 0
+        self._stale = 0
+
+    def add(self, record: _DispatchRecord) -> None:
+        """Append a new pending item (ordinals only grow, so the lists stay sorted)."""
+        wire = record.wire
+        self.records.append(record)
+        self._by_id[wire["id"]] = record
+        self._by_source.setdefault((wire["source_type"], wire["source_id"]), []).append(record)
+        self._live.append(record)
+        self._ordinals.append(record.ordinal)
+        self.pending += 1
+
+    def by_id(self, dispatch_id: str) -> _DispatchRecord | None:
+        """The item with this id, acked or not."""
+        return self._by_id.get(dispatch_id)
+
+    def by_source(self, source_type: str, source_id: str) -> list[_DispatchRecord]:
+        """The pending items of this source, oldest first."""
+        return list(self._by_source.get((source_type, source_id), ()))
+
+    def ack(self, record: _DispatchRecord) -> None:
+        """Mark an item acked (acking an acked item changes nothing)."""
+        if record.acked:
+            return
+        record.acked = True
+        record.wire["status"] = ACKED_STATUS
+        self.pending -= 1
+        self.acked += 1
+        key = (record.wire["source_type"], record.wire["source_id"])
+        same = self._by_source[key]
+        same.remove(record)
+        if not same:
+            del self._by_source[key]
+        self._stale += 1
+        live = self._live
+        while self._head < len(live) and live[self._head].acked:
+            self._head += 1
+        if self._stale >= COMPACT_MIN_STALE and 2 * self._stale > len(live):
+            self._live = [r for r in live[self._head :] if not r.acked]
+            self._ordinals = [r.ordinal for r in self._live]
+            self._head = 0
+            self._stale = 0
+
+    def page(self, after: int | None, limit: int) -> tuple[list[_DispatchRecord], bool]:
+        """Up to ``limit`` pending items with an ordinal above ``after`` (all when
+        ``None``), oldest first, and whether more follow."""
+        live = self._live
+        start = self._head
+        if after is not None:
+            start = max(start, bisect.bisect_right(self._ordinals, after))
+        found: list[_DispatchRecord] = []
+        for index in range(start, len(live)):
+            record = live[index]
+            if not record.acked:
+                if len(found) == limit:
+                    return found, True
+                found.append(record)
+        return found, False
+
+    def pending_records(self) -> list[_DispatchRecord]:
+        """The pending items, oldest first."""
+        return [r for r in self._live[self._head :] if not r.acked]
 
 
 @attrs.define
@@ -286,7 +376,7 @@ class EmulatorState:
         self._idempotency: dict[str, str] = {}
         self._tasks_by_id: dict[str, Wire] = {}
         self._uploads: dict[str, _Upload] = {}
-        self._dispatch: dict[str, list[_DispatchRecord]] = {}
+        self._dispatch: dict[str, _DispatchQueue] = {}
         self._sessions: dict[str, dict[str, Wire]] = {}
         self._steps: dict[str, list[Wire]] = {}
         self._configs: dict[str, Wire] = {}
@@ -637,7 +727,9 @@ class EmulatorState:
         self._tasks.spawn(later(self._dispatch_delay), name=f"dispatch-delay-{agent}")
 
     def _create_dispatch(self, agent: str, fields: Wire, reason: str) -> Wire:
-        records = self._dispatch.setdefault(agent, [])
+        queue = self._dispatch.get(agent)
+        if queue is None:
+            queue = self._dispatch[agent] = _DispatchQueue()
         item: Wire = {
             "id": self._new_id("dsp_"),
             **fields,
@@ -645,18 +737,41 @@ class EmulatorState:
             "delivery_reason": reason,
             "created_at": now_text(),
         }
-        records.append(_DispatchRecord(item, next(self._ordinals)))
+        queue.add(_DispatchRecord(item, next(self._ordinals)))
         _log.debug("dispatch item %s for %s (%s)", item["id"], agent, reason)
         self._sink.emit(agent, FRAME_DISPATCH_NEW, item)
         return item
 
+    def dispatch_page(
+        self, agent: str, after: int | None, limit: int
+    ) -> tuple[list[tuple[int, Wire]], bool]:
+        """Up to ``limit`` of the agent's items not yet acked with an ordinal above
+        ``after`` (from the first when ``None``), FIFO, with their ordinals; and whether
+        more follow."""
+        queue = self._dispatch.get(agent)
+        if queue is None:
+            return [], False
+        records, more = queue.page(after, limit)
+        return [(r.ordinal, r.wire) for r in records], more
+
     def pending_dispatch(self, agent: str) -> list[tuple[int, Wire]]:
         """The agent's items not yet acked, FIFO, with their ordinals."""
-        return [(r.ordinal, r.wire) for r in self._dispatch.get(agent, []) if not r.acked]
+        queue = self._dispatch.get(agent)
+        return [] if queue is None else [(r.ordinal, r.wire) for r in queue.pending_records()]
 
     def dispatch_records(self, agent: str, *, include_acked: bool) -> list[Wire]:
         """The agent's items, FIFO (acked ones have status ``acked``)."""
-        return [r.wire for r in self._dispatch.get(agent, []) if include_acked or not r.acked]
+        queue = self._dispatch.get(agent)
+        if queue is None:
+            return []
+        return [r.wire for r in queue.records if include_acked or not r.acked]
+
+    def dispatch_count(self, agent: str, *, acked: bool) -> int:
+        """How many of the agent's items are pending (or, with ``acked``, acked)."""
+        queue = self._dispatch.get(agent)
+        if queue is None:
+            return 0
+        return queue.acked if acked else queue.pending
 
     @staticmethod
     def _source_of(body: Any) -> tuple[str, str]:
@@ -666,33 +781,28 @@ class EmulatorState:
 
     def _matching(self, agent: str, body: Any) -> list[_DispatchRecord]:
         source_type, source_id = self._source_of(body)
-        return [
-            r
-            for r in self._dispatch.get(agent, [])
-            if not r.acked
-            and r.wire["source_type"] == source_type
-            and r.wire["source_id"] == source_id
-        ]
-
-    @staticmethod
-    def _ack(record: _DispatchRecord) -> None:
-        record.acked = True
-        record.wire["status"] = ACKED_STATUS
+        queue = self._dispatch.get(agent)
+        return [] if queue is None else queue.by_source(source_type, source_id)
 
     def ack_by_source(self, agent: str, body: Any) -> int:
         """Ack every pending item of the agent with this source; return how many."""
-        records = self._matching(agent, body)
+        source_type, source_id = self._source_of(body)
+        queue = self._dispatch.get(agent)
+        if queue is None:
+            return 0
+        records = queue.by_source(source_type, source_id)
         for record in records:
-            self._ack(record)
+            queue.ack(record)
         return len(records)
 
     def ack_by_id(self, agent: str, dispatch_id: str) -> int:
         """Ack one item of the agent (acking an acked item is fine); return 1."""
-        for record in self._dispatch.get(agent, []):
-            if record.wire["id"] == dispatch_id:
-                self._ack(record)
-                return 1
-        raise NotFound(f"dispatch item {dispatch_id!r} not found")
+        queue = self._dispatch.get(agent)
+        record = None if queue is None else queue.by_id(dispatch_id)
+        if queue is None or record is None:
+            raise NotFound(f"dispatch item {dispatch_id!r} not found")
+        queue.ack(record)
+        return 1
 
     def mark_received(self, agent: str, body: Any) -> int:
         """Mark the agent's pending items with this source ``received``; return how many."""
@@ -705,12 +815,10 @@ class EmulatorState:
         """Move ``created_at`` of pending items back by ``seconds``."""
         agents = [agent] if agent is not None else list(self._dispatch)
         for each in agents:
-            for record in self._dispatch.get(each, []):
-                if not record.acked:
-                    created = parse_datetime(record.wire["created_at"])
-                    record.wire["created_at"] = format_datetime(
-                        created - timedelta(seconds=seconds)
-                    )
+            queue = self._dispatch.get(each)
+            for record in [] if queue is None else queue.pending_records():
+                created = parse_datetime(record.wire["created_at"])
+                record.wire["created_at"] = format_datetime(created - timedelta(seconds=seconds))
 
     # --- tasks ------------------------------------------------------------------------
 
@@ -1003,6 +1111,10 @@ class EmulatorState:
         }
         steps.append(step)
         return step
+
+    def step_count(self, agent: str) -> int:
+        """How many steps the agent wrote."""
+        return len(self._steps.get(agent, ()))
 
     def steps_of(self, agent: str, session_id: str | None) -> list[Wire]:
         """The agent's steps in arrival order (of one session, or all)."""

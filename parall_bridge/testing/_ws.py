@@ -118,7 +118,7 @@ class WsHub:
         tasks: TaskSet,
         heartbeat_interval: float,
         replay_buffer_size: int,
-        frames: list[ClientFrame],
+        frames: list[ClientFrame] | None,
         connections: list[WsConnectionRecord],
     ) -> None:
         self._state = state
@@ -249,8 +249,9 @@ class WsHub:
             if msg.type is WSMsgType.TEXT:
                 self._on_text(conn, msg.data)
             elif msg.type is WSMsgType.BINARY:
-                raw = msg.data.decode("utf-8", "replace")
-                self._frames.append(ClientFrame(conn.user_id, None, {}, raw))
+                if self._frames is not None:
+                    raw = msg.data.decode("utf-8", "replace")
+                    self._frames.append(ClientFrame(conn.user_id, None, {}, raw))
             elif msg.type is WSMsgType.PING:
                 if not self.silent:
                     self._enqueue(conn, _Outgoing(bytes(msg.data)))
@@ -270,7 +271,8 @@ class WsHub:
                 frame_type = decoded["type"]
             if isinstance(decoded.get("data"), dict):
                 data = decoded["data"]
-        self._frames.append(ClientFrame(conn.user_id, frame_type, data, text))
+        if self._frames is not None:
+            self._frames.append(ClientFrame(conn.user_id, frame_type, data, text))
         if frame_type == FRAME_PING and not self.silent:
             pong = {"ts": data["ts"]} if "ts" in data else {}
             self._enqueue(conn, _Outgoing(_frame(FRAME_PONG, pong)))

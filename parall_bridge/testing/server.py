@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -86,6 +87,13 @@ class FakeParallServer:
             sent) this many seconds after their live event, as the platform may.
         max_page_size: the cap on ``limit`` of paginated lists.
         port: the port on ``127.0.0.1`` (0: an ephemeral one).
+        latency: seconds every HTTP request waits before it is acted on and answered
+            (a simulated network round trip; ``0`` by default). WebSocket frames are
+            not delayed (see :meth:`delay_ws_frames`). Faults come on top of it.
+        record_requests: keep every HTTP request in :attr:`requests` (the default);
+            ``False`` for a long run (a benchmark), whose list would grow without end.
+        record_ws_frames: keep every frame clients send in :attr:`ws_frames` (the
+            default); ``False`` for a long run.
 
     Attributes:
         org_id: the organisation id, for ``GatewayConfig`` and client calls.
@@ -102,6 +110,9 @@ class FakeParallServer:
         dispatch_delay: float | None = None,
         max_page_size: int = 100,
         port: int = 0,
+        latency: float = 0.0,
+        record_requests: bool = True,
+        record_ws_frames: bool = True,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError("port must be in 0..65535")
@@ -113,11 +124,17 @@ class FakeParallServer:
             raise ValueError("heartbeat_interval and ticket_ttl must be positive")
         if dispatch_delay is not None and dispatch_delay < 0:
             raise ValueError("dispatch_delay must not be negative")
+        if not (isinstance(latency, int | float) and 0 <= latency < math.inf):
+            raise ValueError(f"latency must be a finite number of seconds >= 0, got {latency!r}")
         self.org_id = org_id
+        self.latency = float(latency)
+        """Seconds every HTTP request waits before it is handled (the constructor's)."""
         self.requests: list[RecordedRequest] = []
-        """Every HTTP request answered (or dropped), in the order answered."""
+        """Every HTTP request answered (or dropped), in the order answered (stays empty
+        with ``record_requests=False``)."""
         self.ws_frames: list[ClientFrame] = []
-        """Every frame received from WebSocket clients, in arrival order."""
+        """Every frame received from WebSocket clients, in arrival order (stays empty
+        with ``record_ws_frames=False``)."""
         self.ws_connections: list[WsConnectionRecord] = []
         """Every WebSocket upgrade accepted, in order."""
         self.faults = FaultInjector()
@@ -137,16 +154,17 @@ class FakeParallServer:
             tasks=self._tasks,
             heartbeat_interval=heartbeat_interval,
             replay_buffer_size=replay_buffer_size,
-            frames=self.ws_frames,
+            frames=self.ws_frames if record_ws_frames else None,
             connections=self.ws_connections,
         )
         self._rest = RestApi(
             state=self._state,
             faults=self.faults,
-            requests=self.requests,
+            requests=self.requests if record_requests else None,
             max_page_size=max_page_size,
             include_ws_url_in_ticket=include_ws_url_in_ticket,
             closing=self._closing,
+            latency=self.latency,
         )
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -405,6 +423,15 @@ class FakeParallServer:
         """The agent's dispatch items, oldest first (acked ones have status ``"acked"``)."""
         records = self._state.dispatch_records(agent_id, include_acked=include_acked)
         return [structure(item, DispatchItem) for item in records]
+
+    def dispatch_count(self, agent_id: str, *, acked: bool = False) -> int:
+        """How many of the agent's dispatch items are pending (with ``acked``: how many
+        were acked), without building them: cheap enough to poll under load."""
+        return self._state.dispatch_count(agent_id, acked=acked)
+
+    def step_count(self, agent_id: str) -> int:
+        """How many steps the agent wrote (all sessions), without building them."""
+        return self._state.step_count(agent_id)
 
     def messages(self, chat_id: str) -> list[Message]:
         """The chat's messages (deleted ones left out), oldest first."""
