@@ -146,16 +146,22 @@ class Board:
         target = event.target_id
         if target in self.forks:
             return Route.BUFFER_FORK
-        main_has_target = state.main_target == target or any(
-            self.target_of(key) == target for key in self.main.queue
-        )
         if route is Route.BUFFER_FORK:
             route = Route.MAIN if not state.main_busy else Route.BUFFER_MAIN
-        if route is Route.NEW_FORK and (not state.main_busy or main_has_target):
+        if route is Route.NEW_FORK and (
+            not state.main_busy or self._main_has_target(target, state)
+        ):
             route = Route.MAIN if not state.main_busy else Route.BUFFER_MAIN
         if route is Route.MAIN and state.main_busy:
             route = Route.BUFFER_MAIN
         return route
+
+    def _main_has_target(self, target: str, state: DispatchState) -> bool:
+        """Whether main runs or holds an event of ``target`` (a scan of its queue: only
+        asked when a new fork is wanted)."""
+        return state.main_target == target or any(
+            self.target_of(key) == target for key in self.main.queue
+        )
 
     def enqueue(self, lane: Lane, keys: Sequence[str]) -> None:
         """Queue claimed keys on ``lane`` (the ledger records them queued)."""

@@ -457,6 +457,15 @@ class Ledger:
         self._changed(record)
         return Failure(attempts=record.attempts, retrying=True)
 
+    def ack_pending(self, key: str, dispatch_id: str) -> bool:
+        """Whether the acks already planned for ``key`` (settled, acks owed) cover the
+        row ``dispatch_id``: a catch-up that lists it again meanwhile sends nothing."""
+        record = self._records.get(key)
+        if record is None or record.state is not WorkState.DONE:
+            return False
+        plan = self._plan(record)
+        return plan.source is not None or dispatch_id in plan.dispatch_ids
+
     def ack_row(self, dispatch_id: str) -> AckPlan:
         """The ack of one dispatch row that settles no record of its own (a late row of a
         settled or dead record, or a row whose source is gone)."""

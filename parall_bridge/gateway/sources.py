@@ -308,7 +308,14 @@ class Sources:
         record = self._ledger.by_source(SourceType.MESSAGE, item.source_id)
         return record is not None and record.event is not None
 
-    def _settle_unclaimed(self, verdict: Verdict, item: DispatchItem) -> ItemOutcome:
+    def _settle_unclaimed(self, claim: Claim, item: DispatchItem) -> ItemOutcome:
+        verdict = claim.verdict
+        if (
+            verdict is Verdict.DONE
+            and claim.record is not None
+            and self._ledger.ack_pending(claim.record.key, item.id)
+        ):
+            return ItemOutcome.ACKED  # its ack is on its way already
         if verdict is Verdict.DONE or (verdict is Verdict.DEAD and self._ledger.ack_dead):
             self._writer.ack(self._ledger.ack_row(item.id))
             return ItemOutcome.ACKED
@@ -324,7 +331,7 @@ class Sources:
             return ItemOutcome.LEFT_PENDING
         claim = self._claim(message_id, SourceType.MESSAGE, message_id, origin, item.id)
         if not claim.claimed:
-            return self._settle_unclaimed(claim.verdict, item)
+            return self._settle_unclaimed(claim, item)
         try:
             outcome = await self._dispatch_message_item(
                 item, message_id, origin, claim.record, gate
@@ -472,7 +479,7 @@ class Sources:
         await gate()
         claim = self._claim(event.key, SourceType.TASK_ACTIVITY, task.id, origin, item.id)
         if not claim.claimed:
-            return self._settle_unclaimed(claim.verdict, item)
+            return self._settle_unclaimed(claim, item)
         record = claim.record
         if record is not None and record.event is not None:
             self._lanes.submit((record.key,))  # a failed event due for retry

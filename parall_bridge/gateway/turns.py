@@ -219,7 +219,7 @@ class Turns:
         version = ledger.version
         run = TurnRun(
             entry,
-            record=functools.partial(self.writer.step, stream=session.key),
+            record=functools.partial(self.writer.step, stream=_stream(session.key, events[-1])),
             journaled=lambda: self.persister.durable(version),
         )
         turn = Turn(
@@ -371,12 +371,12 @@ class Turns:
                         "summary": event.summary,
                     },
                 ),
-                turn.session_key,
+                _stream(turn.session_key, turn.event),
             )
         for key in entry.keys:
             record = self.ledger.get(key)
             if record is not None:
-                self.writer.mark_received(record.source_type, record.source_id)
+                self.writer.mark_received(record.source_type, record.source_id, key)
         if turn.chat_id:
             self.presence.typing_start(turn.chat_id)
 
@@ -405,7 +405,7 @@ class Turns:
                 content={"message": message, "attempts": failure.attempts},
                 group_key=turn.group_key,
             ),
-            turn.session_key,
+            _stream(turn.session_key, turn.event),
         )
         if failure.split:
             _log.warning(
@@ -471,6 +471,12 @@ class Turns:
                         self._tasks[child].where() for child in still if child in self._tasks
                     ),
                 )
+
+
+def _stream(session_key: str, event: ParallEvent) -> str:
+    """The writer stream of a turn's steps: its session and its chat (or task). A chat's
+    steps keep their order; the main session's turns for other chats write alongside."""
+    return f"{session_key}|{event.target_id}"
 
 
 def _retrieve(task: asyncio.Task[str | None]) -> None:

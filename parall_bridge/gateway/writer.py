@@ -9,12 +9,14 @@ behind one request at a time:
   only if it differs from the one the platform has: a turn's ``idle`` followed by
   the next turn's ``active`` writes nothing. ``completed`` (shutdown) is written
   once every step before it was.
-- **Steps keep their order within a stream** (a lane session: one chat's main
-  session, or a fork), one in flight per stream; different streams write
-  concurrently.
+- **Steps keep their order within a stream** (a lane session and its chat or
+  task: the turns' steps of one conversation), one in flight per stream;
+  different streams write concurrently.
 - **Acks come first**, then mark-received, then steps. Each ack waits until the
   transition that planned it is durable in the state store, then goes out, and
-  its success is reported back to the ledger (``acked``).
+  its success is reported back to the ledger (``acked``). A mark-received still
+  waiting when its event's ack is planned is dropped: "working on it" says
+  nothing once the work is done (counted in :attr:`WriterStats.marks_skipped`).
 - **Everything is bounded.** Past ``queue_limit`` queued steps, or
   mark-received calls, new ones are shed: counted (:attr:`WriterStats.shed`,
   ``GatewayStats.writes_shed``) and logged with the count, never silently. Acks
@@ -69,6 +71,8 @@ class WriterStats:
             replaced them (or they matched what the platform had).
         acks_sent, acks_failed: ack requests.
         marks_sent: mark-received requests.
+        marks_skipped: mark-received calls dropped because the event's ack was planned
+            before they went out.
         shed: steps and mark-received calls dropped because their queue was full.
         abandoned: writes still unwritten when the shutdown flush timed out.
         backlog_max: the most writes ever waiting at once.
@@ -81,6 +85,7 @@ class WriterStats:
     acks_sent: int = 0
     acks_failed: int = 0
     marks_sent: int = 0
+    marks_skipped: int = 0
     shed: int = 0
     abandoned: int = 0
     backlog_max: int = 0
@@ -137,7 +142,8 @@ class PlatformWriter:
         self._busy_streams = 0
         self._steps_queued = 0
         self._acks: collections.deque[AckPlan] = collections.deque()
-        self._marks: collections.deque[tuple[str, str]] = collections.deque()
+        # Mark-received calls by the ledger key of their event, oldest first.
+        self._marks: dict[str, tuple[str, str]] = {}
         # Status: what was asked for last, what the platform has, a write in flight.
         self._status_wanted: AgentSessionStatus | None = None
         self._status_written: AgentSessionStatus | None = None
@@ -174,7 +180,8 @@ class PlatformWriter:
 
     def step(self, step: AgentStep, stream: str = "") -> None:
         """Record a step, written after the steps recorded before it on ``stream`` (a lane
-        session's key); steps of different streams are written concurrently."""
+        session and its chat or task); steps of different streams are written
+        concurrently."""
         if self._steps_queued >= self._queue_limit:
             self._shed(f"a {step.step_type} step")
             return
@@ -199,17 +206,24 @@ class PlatformWriter:
 
     def ack(self, plan: AckPlan) -> None:
         """Send the acks of ``plan`` (before any step), once the ledger is durable up to
-        the plan's version; the ledger is told when they went out."""
+        the plan's version; the ledger is told when they went out. A mark-received of
+        the same event still waiting is dropped."""
+        if plan.key is not None and self._marks.pop(plan.key, None) is not None:
+            self.stats.marks_skipped += 1
         if plan:
             self._acks.append(plan)
             self._queued()
 
-    def mark_received(self, source_type: str, source_id: str) -> None:
-        """Tell the platform work on this source started."""
+    def mark_received(self, source_type: str, source_id: str, key: str | None = None) -> None:
+        """Tell the platform work on this source started (``key``: its ledger record,
+        whose ack makes it moot)."""
         if len(self._marks) >= self._queue_limit:
             self._shed(f"mark-received of {source_type} {source_id}")
             return
-        self._marks.append((source_type, source_id))
+        self._marks[key if key is not None else f"{source_type}:{source_id}"] = (
+            source_type,
+            source_id,
+        )
         self._queued()
 
     def _shed(self, what: str) -> None:
@@ -263,7 +277,8 @@ class PlatformWriter:
             plan = self._acks.popleft()
             return lambda: self._ack(plan)
         if self._marks:
-            source_type, source_id = self._marks.popleft()
+            key = next(iter(self._marks))
+            source_type, source_id = self._marks.pop(key)
             return lambda: self._mark_received(source_type, source_id)
         if self._status_due():
             wanted = self._status_wanted

@@ -210,3 +210,21 @@ async def test_a_live_message_waits_for_the_dispatch_items_before_it_in_its_chat
         )
     handled = [text for turn in run.runtime.texts() for text in turn]
     assert handled == ["pick me first", "@bot then me"]
+
+
+@pytest.mark.asyncio
+async def test_a_row_listed_again_while_its_ack_is_on_its_way_is_not_acked_twice(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    server.post_message(room.id, ada.id, "waiting for catch-up")
+    (row,) = server.dispatch_items(agent.user_id)
+    server.delay_next(p.ACK_DISPATCH_BY_ID, 1.0)  # the ack is slow
+    async with running(server, agent, ready=False) as run:
+        await run.wait_for(lambda: len(run.runtime.finished) == 1)
+        # The pass after hello lists the row again before its ack is answered.
+        await run.gateway.feed(p.FRAME_RECOVERY_OVERFLOW, {})
+        await run.wait_for(lambda: not run.pending())
+        passes = len([r for r in server.requests if r.path.endswith("/dispatch")])
+        assert passes >= 2
+    acks = [r for r in server.requests if r.path.endswith(f"/dispatch/{row.id}/ack")]
+    assert len(acks) == 1

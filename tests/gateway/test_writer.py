@@ -224,3 +224,24 @@ async def test_backlog_is_reported(writer: PlatformWriter, server: FakeParallSer
     assert writer.stats.backlog_max == 5
     assert await writer.flush(5.0)
     assert writer.pending == 0
+
+
+@pytest.mark.asyncio
+async def test_a_mark_received_made_moot_by_its_ack_is_not_sent(
+    client: ParallClient, server: FakeParallServer, agent: AgentAccount, session_id: str
+) -> None:
+    writer = make_writer(client, agent, concurrency=1)
+    writer.start(session_id)
+    try:
+        server.delay_next(p.CREATE_AGENT_STEP, 0.3)
+        writer.step(thinking(1))  # the only worker is busy with this one
+        writer.mark_received("message", "msg_1", "msg_1")
+        writer.mark_received("message", "msg_2", "msg_2")
+        writer.ack(AckPlan("msg_1", source=("message", "msg_1"), version=0))  # msg_1 is done
+        assert await writer.flush(5.0)
+    finally:
+        await writer.close(1.0)
+    received = [r.json for r in server.requests if r.path.endswith("/dispatch/received")]
+    assert received == [{"source_type": "message", "source_id": "msg_2"}]
+    assert writer.stats.marks_skipped == 1
+    assert writer.stats.marks_sent == 1
