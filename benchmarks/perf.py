@@ -457,7 +457,8 @@ def _writer_now(gateway: Gateway) -> _WriterSample:
 
 
 class _WriterSampler:
-    """Samples the writer's backlog every :data:`SAMPLE_INTERVAL` while running."""
+    """Samples the writer's backlog every :data:`SAMPLE_INTERVAL` within ``async with``
+    (or until :meth:`stop`), and once more as it stops."""
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
@@ -465,19 +466,20 @@ class _WriterSampler:
         self.source = "none"
         self._task: asyncio.Task[None] | None = None
 
-    def __enter__(self) -> _WriterSampler:
+    async def __aenter__(self) -> _WriterSampler:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="writer-sampler")
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def stop(self) -> None:
-        """Stop sampling (also what ``with`` does not await)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Stop sampling (idempotent), after a last sample."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self.sample()
 
     def sample(self) -> None:
         now = _writer_now(self._gateway)
@@ -755,9 +757,8 @@ async def live(
     run = _GatewayRun(emulator, account["api_key"], runtime)
     async with run:
         await run.gateway.wait_ready()
-        with _WriterSampler(run.gateway) as sampler:
+        async with _WriterSampler(run.gateway) as sampler:
             ours = await _stream(emulator, account["agent_id"], warm, events, window)
-            sampler.sample()
             await sampler.stop()
             shed = _writer_now(run.gateway).shed
     abandoned = _writer_now(run.gateway).abandoned
@@ -816,7 +817,7 @@ async def rss(
     try:
         async with run:
             await run.gateway.wait_ready()
-            with _WriterSampler(run.gateway) as sampler:
+            async with _WriterSampler(run.gateway) as sampler:
                 await emulator.call(
                     "stream", agent=agent_id, count=total, window=window, rate=RSS_RATE
                 )
@@ -843,7 +844,6 @@ async def rss(
                     tracemalloc.stop()
                 top = [str(stat) for stat in snapshot.statistics("lineno")[:10]]
                 await emulator.call("wait_acked", agent=agent_id, count=total, timeout=timeout)
-                sampler.sample()
                 await sampler.stop()
                 shed = _writer_now(run.gateway).shed
     finally:
