@@ -129,6 +129,10 @@ class Record:
     """The journaled turn it belongs to (running, interrupted, or pinned)."""
     ack_pending: bool = False
     """Settled or dead, and its acks are not confirmed yet."""
+    ack_queued: bool = False
+    """Its acks were handed to the writer and have not ended yet (not kept in the store):
+    such a record is never forgotten, or a catch-up listing its row meanwhile would run
+    it again."""
     held: Message | None = None
     """A live delivery of it that arrived while its dispatch row was being fetched."""
     order: int = 0
@@ -457,7 +461,7 @@ class Ledger:
         self._changed(record)
         return Failure(attempts=record.attempts, retrying=True)
 
-    def ack_pending(self, key: str, dispatch_id: str) -> bool:
+    def ack_covers(self, key: str, dispatch_id: str) -> bool:
         """Whether the acks already planned for ``key`` (settled, acks owed) cover the
         row ``dispatch_id``: a catch-up that lists it again meanwhile sends nothing."""
         record = self._records.get(key)
@@ -650,7 +654,7 @@ class Ledger:
         record = self._records.get(plan.key) if plan.key is not None else None
         if record is None or not record.ack_pending:
             return
-        record.ack_pending = False
+        record.ack_pending = record.ack_queued = False
         if plan.source is not None:
             record.dispatch_ids.clear()  # an ack by source covers every row
         else:
@@ -658,6 +662,20 @@ class Ledger:
         if record.state is WorkState.DONE:
             record.state = WorkState.ACKED
         self._changed(record)
+
+    def ack_sending(self, plan: AckPlan) -> None:
+        """The writer took the acks of ``plan``: until they end (:meth:`acked`,
+        :meth:`ack_failed`) its record is not forgotten, however full the ledger."""
+        record = self._records.get(plan.key) if plan.key is not None else None
+        if record is not None and record.ack_pending:
+            record.ack_queued = True
+
+    def ack_failed(self, plan: AckPlan) -> None:
+        """The acks of ``plan`` did not go out (left to reconciliation or the next
+        start): its record may be forgotten again if the ledger is full."""
+        record = self._records.get(plan.key) if plan.key is not None else None
+        if record is not None:
+            record.ack_queued = False
 
     # --- retries -----------------------------------------------------------------
 
@@ -1014,7 +1032,8 @@ class Ledger:
 
     def _evict(self) -> bool:
         """Forget the oldest settled records (acked ones first, then those whose acks are
-        owed), then the oldest failed ones; never work in flight nor a journaled turn's.
+        owed and not on their way), then the oldest failed ones; never work in flight, a
+        record whose acks the writer is sending, nor a journaled turn's.
         Evicts a tenth of the capacity at once, so the scan is amortised. Returns whether
         anything was forgotten."""
         target = self._capacity - self._capacity // 10
@@ -1040,7 +1059,7 @@ class Ledger:
 
     @staticmethod
     def _owed(record: Record) -> bool:
-        return record.state in (WorkState.DONE, WorkState.DEAD)
+        return record.state in (WorkState.DONE, WorkState.DEAD) and not record.ack_queued
 
     @staticmethod
     def _waiting(record: Record) -> bool:

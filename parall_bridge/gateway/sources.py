@@ -313,7 +313,7 @@ class Sources:
         if (
             verdict is Verdict.DONE
             and claim.record is not None
-            and self._ledger.ack_pending(claim.record.key, item.id)
+            and self._ledger.ack_covers(claim.record.key, item.id)
         ):
             return ItemOutcome.ACKED  # its ack is on its way already
         if verdict is Verdict.DONE or (verdict is Verdict.DEAD and self._ledger.ack_dead):

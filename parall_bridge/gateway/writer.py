@@ -211,6 +211,7 @@ class PlatformWriter:
         if plan.key is not None and self._marks.pop(plan.key, None) is not None:
             self.stats.marks_skipped += 1
         if plan:
+            self._ledger.ack_sending(plan)
             self._acks.append(plan)
             self._queued()
 
@@ -363,6 +364,7 @@ class PlatformWriter:
             # Not on disk: acking now would make a crash lose the fact that the work is
             # done (it would run again). Reconciliation or the next start acks it.
             self.stats.acks_failed += 1
+            self._ledger.ack_failed(plan)
             _log.warning("ack held back, the state store failed: %s", str(exc))
             return
         try:
@@ -382,9 +384,11 @@ class PlatformWriter:
             # Still pending on the platform: reconciliation finds the row, and the
             # ledger (which knows the work is done) acks it by id then.
             self.stats.acks_failed += 1
+            self._ledger.ack_failed(plan)
             _log.warning("ack failed, left to reconciliation: %s", str(exc))
         except Exception:  # a bug must not lose more than this ack: the same fallback
             self.stats.acks_failed += 1
+            self._ledger.ack_failed(plan)
             _log.exception("ack failed, left to reconciliation")
 
     async def _mark_received(self, source_type: str, source_id: str) -> None:

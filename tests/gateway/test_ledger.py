@@ -891,6 +891,23 @@ def test_eviction_order_acked_then_owed_then_failed_never_in_flight_or_journaled
     assert kept() == {"p0", "r0"} | {f"c{i}" for i in range(9)}
 
 
+def test_a_record_whose_acks_are_being_sent_is_never_forgotten() -> None:
+    ledger = make_ledger(capacity=3)  # evicts down to 3
+    sending = {}
+    for key in ("s0", "s1", "s2"):
+        [plan] = succeed(ledger, key)
+        ledger.ack_sending(plan)  # the writer took them
+        sending[key] = plan
+    claim(ledger, "c0")
+    # Over capacity, and still kept: forgotten, a catch-up listing their rows before the
+    # acks went out would run them again.
+    assert {got.key for got in ledger} == {"s0", "s1", "s2", "c0"}
+    ledger.ack_failed(sending["s0"])  # left to reconciliation: may be forgotten now
+    ledger.acked(sending["s1"])
+    claim(ledger, "c1")
+    assert {got.key for got in ledger} == {"s2", "c0", "c1"}
+
+
 def test_a_claim_refreshes_the_age_of_a_record() -> None:
     ledger = make_ledger(capacity=3)
     for key in ("a", "b", "c"):

@@ -228,3 +228,20 @@ async def test_a_row_listed_again_while_its_ack_is_on_its_way_is_not_acked_twice
         assert passes >= 2
     acks = [r for r in server.requests if r.path.endswith(f"/dispatch/{row.id}/ack")]
     assert len(acks) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_backlog_larger_than_the_ledger_runs_each_event_once_while_acks_lag(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    for n in range(30):
+        server.post_message(room.id, ada.id, f"#{n}")
+    server.delay_next(p.ACK_DISPATCH_BY_ID, 0.3, times=30)  # acks lag behind the turns
+    async with running(server, agent, ready=False, dedupe_capacity=10) as run:
+        await run.wait_for(lambda: len(run.runtime.turns) >= 1)
+        await run.gateway.feed(p.FRAME_RECOVERY_OVERFLOW, {})  # a pass while acks lag
+        await run.wait_for(lambda: not run.pending(), 15.0)
+    handled = [text for turn in run.runtime.texts() for text in turn]
+    # Records whose acks were still on their way were kept past dedupe_capacity: the
+    # pass that listed their rows again ran none of them a second time.
+    assert handled == [f"#{n}" for n in range(30)]
