@@ -137,6 +137,8 @@ class SoakReport:
     state_half_kib: float = 0.0
     state_end_kib: float = 0.0
     state_rows_max: int = 0
+    writes_shed: int = 0
+    writes_abandoned: int = 0
     failures: list[str] = attrs.field(factory=list)
 
     @property
@@ -155,6 +157,8 @@ class SoakReport:
             f"{self.state_end_kib:.0f} KiB; most rows {self.state_rows_max}",
             f"RSS (emulator included) half-way {self.rss_half_mib:.1f} MiB, "
             f"end {self.rss_end_mib:.1f} MiB",
+            f"platform writes shed {self.writes_shed}, abandoned at shutdown "
+            f"{self.writes_abandoned}",
             "invariants: " + ("all held" if self.ok else "; ".join(self.failures)),
         ]
 
@@ -271,6 +275,9 @@ async def _soak(seconds: float, seed: int, state_path: Path) -> SoakReport:
             stats = gateway.stats()
             abort.set()
             await asyncio.wait_for(task, 30)
+            final = gateway.stats()
+            report.writes_shed = final.writes_shed
+            report.writes_abandoned = final.writes_abandoned
             # Measured once stopped: steps still being written are in flight, not leaked.
             report.alive = {
                 name: max(0, n - alive_before[name]) for name, n in _alive_library_objects().items()
@@ -287,6 +294,11 @@ async def _soak(seconds: float, seed: int, state_path: Path) -> SoakReport:
             report.failures.append(f"{len(twice)} event(s) handled more than once")
         if pending:
             report.failures.append(f"{len(pending)} dispatch item(s) left pending")
+        if report.writes_shed or report.writes_abandoned:
+            report.failures.append(
+                f"the writer shed {report.writes_shed} and abandoned "
+                f"{report.writes_abandoned} platform write(s)"
+            )
         if stats.dead_letters:
             report.failures.append(f"{stats.dead_letters} dead letter(s)")
         if report.ledger_max > DEDUPE_CAPACITY:
