@@ -413,15 +413,7 @@ class Ledger:
 
         The caller owns the record (it claimed it) or the ledger does not know it.
         """
-        record = self._records.get(key)
-        if record is None:
-            record = Record(key=key, source_type=source_type, source_id=source_id, origin=origin)
-            self._insert(record)
-        elif record.state in (WorkState.QUEUED, WorkState.RUNNING):
-            raise RuntimeError(f"cannot dismiss {key!r}: it is {record.state}")
-        if dispatch_id:
-            record.dispatch_ids.add(dispatch_id)
-        record.held = None
+        record = self._taken(key, source_type, source_id, origin, dispatch_id, doing="dismiss")
         return self._settle(record, WorkState.DONE)
 
     def fetch_failed(
@@ -442,15 +434,9 @@ class Ledger:
 
         The caller owns the record (it claimed it) or the ledger does not know it.
         """
-        record = self._records.get(key)
-        if record is None:
-            record = Record(key=key, source_type=source_type, source_id=source_id, origin=origin)
-            self._insert(record)
-        elif record.state in (WorkState.QUEUED, WorkState.RUNNING):
-            raise RuntimeError(f"cannot fail the fetch of {key!r}: it is {record.state}")
-        if dispatch_id:
-            record.dispatch_ids.add(dispatch_id)
-        record.held = None
+        record = self._taken(
+            key, source_type, source_id, origin, dispatch_id, doing="fail the fetch of"
+        )
         record.attempts += 1
         record.last_error = error
         if record.attempts >= self._max_attempts:
@@ -469,6 +455,30 @@ class Ledger:
             return False
         plan = self._plan(record)
         return plan.source is not None or dispatch_id in plan.dispatch_ids
+
+    def _taken(
+        self,
+        key: str,
+        source_type: str,
+        source_id: str,
+        origin: EventOrigin,
+        dispatch_id: str | None,
+        *,
+        doing: str,
+    ) -> Record:
+        """The record the caller owns (made if the ledger does not know it), with the
+        row attached and the live delivery held meanwhile dropped; one queued or running
+        is refused (``doing`` names the refused operation)."""
+        record = self._records.get(key)
+        if record is None:
+            record = Record(key=key, source_type=source_type, source_id=source_id, origin=origin)
+            self._insert(record)
+        elif record.state in (WorkState.QUEUED, WorkState.RUNNING):
+            raise RuntimeError(f"cannot {doing} {key!r}: it is {record.state}")
+        if dispatch_id:
+            record.dispatch_ids.add(dispatch_id)
+        record.held = None
+        return record
 
     def ack_row(self, dispatch_id: str) -> AckPlan:
         """The ack of one dispatch row that settles no record of its own (a late row of a
