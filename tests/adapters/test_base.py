@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 import pytest
 
-from parall_bridge import ForkOutcome, SessionRef, TaskStatus, Turn
+from parall_bridge import ForkOutcome, Gateway, SessionRef, TaskStatus, Turn
 from parall_bridge.adapters.base import (
     ChatEntry,
     HistoryRuntime,
@@ -19,6 +20,11 @@ from parall_bridge.adapters.base import (
 )
 from parall_bridge.models import Chat, User
 from parall_bridge.testing import AgentAccount, FakeParallServer, running_gateway
+
+
+def succeeded(gateway: Gateway, count: int) -> bool:
+    return gateway.stats().turns_succeeded == count
+
 
 Behaviour = Callable[[Turn, ParallTools], Awaitable[None]]
 
@@ -167,8 +173,7 @@ async def test_history_turns_drops_whole_old_turns(
     async with running_gateway(server, agent, runtime) as gateway:
         for n in range(3):
             server.post_message(room.id, ada.id, f"m{n}")
-            done = n + 1
-            await server.wait_for(lambda: gateway.stats().turns_succeeded == done)
+            await server.wait_for(partial(succeeded, gateway, n + 1))
     history = runtime.history(runtime.seen[0][0])
     assert len(history) == 4
     assert history[0].endswith("m1")
