@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 
 import attrs
@@ -89,6 +89,9 @@ class Board:
         self._max_forks = max_forks
         self.main = Lane(session=main_session)
         self.forks: dict[str, Lane] = {}
+        # How many keys of each target main's queue holds: asked on every event that
+        # wants a fork while main is busy, so it must not cost a scan of the queue.
+        self._main_targets: Counter[str] = Counter()
 
     def state(self) -> DispatchState:
         """The snapshot routing strategies decide from."""
@@ -157,17 +160,23 @@ class Board:
         return route
 
     def _main_has_target(self, target: str, state: DispatchState) -> bool:
-        """Whether main runs or holds an event of ``target`` (a scan of its queue: only
-        asked when a new fork is wanted)."""
-        return state.main_target == target or any(
-            self.target_of(key) == target for key in self.main.queue
-        )
+        """Whether main runs or holds an event of ``target``."""
+        return state.main_target == target or self._main_targets[target] > 0
+
+    def main_targets(self) -> Counter[str]:
+        """How many keys of each target main's queue holds (a copy)."""
+        return +self._main_targets
 
     def enqueue(self, lane: Lane, keys: Sequence[str]) -> None:
         """Queue claimed keys on ``lane`` (the ledger records them queued)."""
         for key in keys:
             self._ledger.queued(key)
             lane.queue.append(key)
+            if lane is self.main:
+                self._main_targets[self.target_of(key)] += 1
+
+    def _recount_main(self) -> None:
+        self._main_targets = Counter(self.target_of(key) for key in self.main.queue)
 
     def take_batch(self, lane: Lane) -> list[str]:
         """The next turn's keys: a journaled turn's keys as they were (it runs again with
@@ -179,9 +188,13 @@ class Board:
         if entry is not None:
             lane.queue = deque(key for key in lane.queue if key not in entry.keys)
             lane.solo = None
+            if lane is self.main:
+                self._recount_main()
             return list(entry.keys)
         if lane.solo is not None and first == lane.solo:
             lane.solo = None
+            if lane is self.main:
+                self._main_targets[self.target_of(first)] -= 1
             return [lane.queue.popleft()]
         lane.solo = None
         target = self.target_of(first)
@@ -193,6 +206,8 @@ class Board:
             else:
                 rest.append(key)
         lane.queue = rest
+        if lane is self.main:
+            self._main_targets[target] -= len(batch)
         return batch
 
     def entry_of(self, keys: Sequence[str]) -> TurnEntry | None:
@@ -211,12 +226,15 @@ class Board:
             del self.forks[fork.target or ""]
         keys, fork.queue = list(fork.queue), deque()
         self.main.queue.extend(keys)
+        for key in keys:
+            self._main_targets[self.target_of(key)] += 1
 
     def clear(self) -> list[str]:
         """Empty every queue (shutdown); returns the keys that were queued."""
         keys = [key for lane in self.lanes for key in lane.queue]
         for lane in self.lanes:
             lane.queue.clear()
+        self._main_targets.clear()
         self.forks.clear()
         return keys
 

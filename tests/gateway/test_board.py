@@ -4,6 +4,7 @@ state and the lanes' contents never disagree (DESIGN.md section 8, "One owner").
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, cast
 
 import attrs
@@ -161,6 +162,11 @@ class BoardMachine(RuleBasedStateMachine):
         assert len(queued) == len(set(queued)), "a key queued twice"
         in_ledger = {r.key for r in self.ledger if r.state is WorkState.QUEUED}
         assert set(queued) == in_ledger
+
+    @invariant()
+    def mains_target_count_is_its_queue(self) -> None:
+        counted = Counter(self.board.target_of(key) for key in self.board.main.queue)
+        assert self.board.main_targets() == counted
 
     @invariant()
     def running_records_are_the_running_turns(self) -> None:
