@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import perf
+from benchmarks import perf, profile
 from benchmarks.bench import BenchResult, run_benchmarks
 from benchmarks.crash import crash_soak
 from benchmarks.fuzz import FuzzReport, Outcome, Target, fuzz
@@ -79,6 +79,18 @@ def _perf_children() -> list[int]:
         if fields.get("PPid", "").strip() == str(os.getpid()) and b"perf_emulator" in cmdline:
             children.append(int(status.parent.name))
     return children
+
+
+@pytest.mark.parametrize("kind", profile.KINDS)
+def test_profile_smoke(kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m benchmarks.profile`` profiles a tiny run and prints the gateway's
+    calls (the catch-up's dispatch items, the live stream's message frames)."""
+    assert profile.main([kind, "--items", "40", "--events", "40", "--lines", "200"]) == 0
+    printed = capsys.readouterr().out
+    first = printed.splitlines()[0]
+    assert first.startswith("catch-up of 40 items" if kind == "catch_up" else "live stream of 40")
+    assert ("Sources.on_item" if kind == "catch_up" else "Sources.on_message") in printed
+    assert _perf_children() == []
 
 
 def test_perf_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
