@@ -10,9 +10,11 @@
   it in memory), so a restart never replies twice.
 - ``check``: check that configuration without running anything: the key and
   the agent, the platform config, the dispatch queue, a WebSocket ``hello``.
-- ``emulator``: serve the Parall emulator on a local port until interrupted,
-  printing its URL and an agent API key, to point a client or gateway at
-  (``--latency SECONDS`` delays every REST answer: a simulated round trip).
+- ``emulator``: serve the Parall emulator on a local port until interrupted
+  (``--port``, 8765 by default; ``--port 0`` takes any free one), printing its URL
+  and an agent API key, to point a client or gateway at (``--latency SECONDS``
+  delays every REST answer: a simulated round trip). A port it cannot listen on is
+  a usage error, said in one line.
 
 Exit status: 0 on success, 1 when the platform refused or failed, 2 on a usage
 or configuration error.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import importlib
 import inspect
 import logging
@@ -57,6 +60,8 @@ __all__ = [
 CHECK_WS_TIMEOUT = 15.0
 """How long ``check`` waits for the WebSocket ``hello``."""
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EMULATOR_PORT: Final = 8765
+"""The port ``emulator`` serves on unless told (``--port 0``: any free port)."""
 STATE_DIR: Final = ".parall_bridge"
 """Where ``run`` keeps a state file per agent by default (in the working directory)."""
 _UNSAFE: Final = re.compile(r"[^A-Za-z0-9_.-]")
@@ -73,10 +78,27 @@ def _print(text: str = "") -> None:
         os.dup2(devnull, sys.stdout.fileno())
 
 
+def _cannot_listen(port: int, exc: OSError) -> str:
+    """Why the emulator cannot serve on ``port``, in one line that says what to do."""
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"emulator: port {port} on 127.0.0.1 is already in use; choose another with"
+            " --port PORT, or --port 0 for any free one"
+        )
+    return f"emulator: cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}"
+
+
 async def _emulator(port: int, latency: float = 0.0) -> int:
     from .testing import FakeParallServer
 
-    async with FakeParallServer(port=port, latency=latency) as server:
+    server = FakeParallServer(port=port, latency=latency)
+    try:
+        await server.start()
+    except OSError as exc:
+        await server.close()
+        print(_cannot_listen(port, exc), file=sys.stderr)
+        return EXIT_USAGE
+    try:
         agent = server.add_agent("Agent")
         human = server.add_user("Human")
         chat = server.add_chat(type="direct", members=[human.id, agent.user_id])
@@ -102,6 +124,8 @@ async def _emulator(port: int, latency: float = 0.0) -> int:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+    finally:
+        await server.close()
     return 0
 
 
@@ -285,6 +309,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int | None:
+    """A TCP port number (0: any free one), or ``None`` when ``text`` is not one."""
+    try:
+        port = int(text)
+    except ValueError:
+        return None
+    return port if 0 <= port <= 65535 else None
+
+
 def _usage_error(exc: Exception) -> int:
     print(f"configuration error: {exc}", file=sys.stderr)
     return EXIT_USAGE
@@ -316,7 +349,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands.add_parser("check", help="check the PRLL_* configuration against the platform")
     emulator = commands.add_parser("emulator", help="serve the Parall emulator locally")
-    emulator.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (8765)")
+    emulator.add_argument(
+        "--port",
+        default=str(EMULATOR_PORT),
+        help=f"port on 127.0.0.1 ({EMULATOR_PORT}); --port 0 takes any free port (printed)",
+    )
     emulator.add_argument(
         "--latency",
         type=_seconds,
@@ -330,7 +367,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return asyncio.run(run_demo(_print))
     if args.command == "emulator":
-        return asyncio.run(_emulator(args.port, args.latency))
+        port = _port(args.port)
+        if port is None:
+            print(
+                f"emulator: --port must be a whole number in 0..65535 (0: any free port),"
+                f" got {args.port!r}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        return asyncio.run(_emulator(port, args.latency))
     try:
         overrides = {"state_path": args.state} if getattr(args, "state", None) else {}
         config = GatewayConfig.from_env(**overrides)

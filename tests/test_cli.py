@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import textwrap
 from functools import partial
@@ -287,6 +288,41 @@ async def test_the_emulator_command_serves_and_tells_how_to_post_as_the_human() 
     finally:
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 20) == 0
+
+
+def test_the_emulator_on_a_port_in_use_says_so_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["emulator", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"emulator: port {port} on 127.0.0.1 is already in use; choose another with"
+        " --port PORT, or --port 0 for any free one\n"
+    )
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_an_invalid_emulator_port_is_said_in_one_line(
+    port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["emulator", "--port", port]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"emulator: --port must be a whole number in 0..65535 (0: any free port), got {port!r}\n"
+    )
+
+
+def test_the_emulator_help_tells_of_port_0(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["emulator", "--help"])
+    assert info.value.code == 0
+    assert "--port 0 takes any free port" in " ".join(capsys.readouterr().out.split())
 
 
 HOST = """
