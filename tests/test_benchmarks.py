@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import perf, profile
+from benchmarks import import_time, perf, profile
 from benchmarks.bench import BenchResult, run_benchmarks
 from benchmarks.crash import crash_soak
 from benchmarks.fuzz import FuzzReport, Outcome, Target, fuzz
@@ -79,6 +79,16 @@ def _perf_children() -> list[int]:
         if fields.get("PPid", "").strip() == str(os.getpid()) and b"perf_emulator" in cmdline:
             children.append(int(status.parent.name))
     return children
+
+
+def test_import_time_smoke(tmp_path: Path) -> None:
+    """The import-time benchmark runs, and ``import parall_bridge`` imports no framework."""
+    out = tmp_path / "import.json"
+    assert import_time.main(["--runs", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["frameworks_imported"] == []
+    assert report["library"] > 0
+    assert report["ratio"] == pytest.approx(report["library"] / report["baseline"])
 
 
 @pytest.mark.parametrize("kind", profile.KINDS)
