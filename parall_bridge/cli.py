@@ -164,7 +164,10 @@ def load_runtime(spec: str) -> AgentRuntime:
     try:
         target: object = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and exc.name == module_name.split(".")[0]:
+            hint = f" (run imports from {os.getcwd()} and the installed packages)"
+        raise ConfigurationError(f"cannot import {module_name!r}: {exc}{hint}") from exc
     for part in attribute.split("."):
         try:
             target = getattr(target, part)

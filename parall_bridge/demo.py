@@ -1,7 +1,9 @@
 """The demo behind ``make demo``: the real gateway against the built-in Parall emulator.
 
-An example runtime (it "thinks", calls a pretend tool and replies) serves a
-scripted conversation: a direct message, a group @mention that arrives while
+An example runtime (:class:`DemoRuntime`: it "thinks", calls a pretend tool and
+replies; ``python -m parall_bridge run parall_bridge.demo:DemoRuntime`` serves it
+to a real platform or to ``python -m parall_bridge emulator``) serves a scripted
+conversation: a direct message, a group @mention that arrives while
 the main session is busy (so it runs on a fork), a burst that coalesces into
 one turn, and a task. The demo prints a trace of each event's route, turn,
 steps and ack, then a summary, and ends by itself.
@@ -33,12 +35,21 @@ Say = Callable[[str], None]
 _TASK_VERSION: Final = re.compile(r"@\d{4}-\d\d-\d\dT[0-9:.+]+")
 _TURN_ID: Final = re.compile(r"\b([st][0-9a-f]{6})[0-9a-f]{18}\b")
 
+_log = logging.getLogger("parall_bridge.demo")
+
 
 class DemoRuntime(AgentRuntime):
-    """An example runtime: reasoning deltas, a tool call, a reply, and forks."""
+    """An example runtime: reasoning deltas, a tool call, a reply, and forks.
 
-    def __init__(self, say: Say) -> None:
-        self._say = say
+    It runs with the package alone, so the command line can serve it from anywhere:
+    ``python -m parall_bridge run parall_bridge.demo:DemoRuntime``.
+
+    Args:
+        say: where it tells of the forks it releases (by default, an INFO log line).
+    """
+
+    def __init__(self, say: Say | None = None) -> None:
+        self._say = say if say is not None else _log.info
         self._forks = 0
 
     async def run_turn(self, turn: Turn) -> str | None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import shlex
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -17,6 +20,11 @@ from parall_bridge.testing import AgentAccount, FakeParallServer
 from .conftest import library_tasks
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REPO = EXAMPLES.parent
+FROM_THE_CHECKOUT = "from the repository root"
+"""What the README says of a ``run`` command that needs a checkout (``examples/``)."""
+INSTALLED = "from anywhere, package installed"
+"""What the README says of a ``run`` command that needs only the installed package."""
 
 
 def load(name: str) -> ModuleType:
@@ -97,3 +105,89 @@ async def test_streaming_host_records_the_stream_as_steps(
     assert steps[1].content == {"text": "Looking up the weather."}
     assert steps[4].content == {"text": "Told them: sunny.", "suppressed": True}
     assert library_tasks() == set()
+
+
+def readme_run_command(where: str) -> list[str]:
+    """The README's ``python -m parall_bridge run`` command whose comment says ``where``,
+    as arguments (``python`` replaced by this interpreter)."""
+    readme = (REPO / "README.md").read_text()
+    for line in readme.splitlines():
+        command, _, comment = line.partition("#")
+        if command.startswith("python -m parall_bridge run ") and where in comment:
+            return [sys.executable, *shlex.split(command)[1:]]
+    raise AssertionError(f"the README shows no run command {where!r}")
+
+
+def test_examples_import_from_the_repository_root_only(tmp_path: Path) -> None:
+    """What the README says of ``examples.echo_host``: elsewhere it cannot be imported
+    (it is not in the package), and ``run`` says so."""
+    env = {
+        **os.environ,
+        "PRLL_API_URL": "http://127.0.0.1:9",
+        "PRLL_API_KEY": "pk_unused_0123456789",
+        "PRLL_ORG_ID": "org_x",
+    }
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(  # noqa: S603 (our own interpreter and the README's arguments)
+        readme_run_command(FROM_THE_CHECKOUT),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "configuration error: cannot import 'examples.echo_host': No module named 'examples'"
+        f" (run imports from {tmp_path} and the installed packages)\n"
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("where", "in_checkout", "reply"),
+    [(FROM_THE_CHECKOUT, True, "You said: hello"), (INSTALLED, False, "Done: hello")],
+)
+async def test_the_readme_run_commands_serve_a_human(
+    where: str,
+    in_checkout: bool,
+    reply: str,
+    server: FakeParallServer,
+    agent: AgentAccount,
+    tmp_path: Path,
+) -> None:
+    """Each ``run`` command of the README, as shown, where it says it works: the agent
+    answers a human, and Ctrl-C stops it."""
+    ada = server.add_user("Ada")
+    chat = server.add_chat(type="direct", members=[ada.id, agent.user_id])
+    env = {
+        **os.environ,
+        "PRLL_API_URL": server.url,
+        "PRLL_API_KEY": agent.api_key,
+        "PRLL_ORG_ID": server.org_id,
+        "PRLL_STATE_PATH": str(tmp_path / "state.db"),  # not in the checkout
+    }
+    env.pop("PYTHONPATH", None)
+    process = await asyncio.create_subprocess_exec(
+        *readme_run_command(where),
+        cwd=REPO if in_checkout else tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await server.wait_for(lambda: any(c.ticket_ok for c in server.ws_connections), 15)
+        server.post_message(chat.id, ada.id, "hello")
+        await server.wait_for(
+            lambda: any(m.sender_id == agent.user_id for m in server.messages(chat.id)), 15
+        )
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), 15)
+        assert process.returncode == 0, err.decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    answer = next(m for m in server.messages(chat.id) if m.sender_id == agent.user_id)
+    assert answer.content.text == reply  # type: ignore[union-attr]
