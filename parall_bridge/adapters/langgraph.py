@@ -194,14 +194,18 @@ def _agent_graph(
 
 def _reasoning(message: BaseMessage) -> str:
     """The reasoning text of a message or chunk: its ``reasoning`` content blocks
-    (LangChain's standard blocks, which providers' thinking blocks translate to) or
-    ``additional_kwargs["reasoning_content"]``."""
+    (LangChain's standard blocks, which providers' thinking blocks translate to; an
+    Anthropic ``thinking`` block as it is) or ``additional_kwargs["reasoning_content"]``."""
     parts: list[str] = []
     for block in message.content_blocks:
         if block["type"] == "reasoning":
             text = block.get("reasoning")
-            if isinstance(text, str):
-                parts.append(text)
+        elif block["type"] == "non_standard" and block["value"].get("type") == "thinking":
+            text = block["value"].get("thinking")  # Anthropic's, from a message left untagged
+        else:
+            continue
+        if isinstance(text, str):
+            parts.append(text)
     return "".join(parts)
 
 
@@ -421,10 +425,10 @@ class LangGraphRuntime(HistoryRuntime[BaseMessage]):
     ) -> TurnOutput[BaseMessage]:
         """Stream the graph on the history and the turn's prompt; record the stream; return
         the messages the run added (the prompt first) and its last AI text."""
-        # Copies, each with an id: the graph's add_messages reducer gives an id to a message
-        # that has none by setting it on the object, and a node may change what it is given;
-        # the committed history must stay as it was whatever the run does.
-        given = [m.model_copy(update={"id": m.id or _new_id()}) for m in history]
+        # Deep copies, each with an id: the graph's add_messages reducer gives an id to a
+        # message that has none by setting it on the object, and a node may change what it
+        # is given in place; the committed history must stay as it was whatever the run does.
+        given = [m.model_copy(update={"id": m.id or _new_id()}, deep=True) for m in history]
         prompt = HumanMessage(turn.prompt(), id=_new_id())
         known = {m.id for m in given}
         recorder = _Recorder(turn)
@@ -438,7 +442,8 @@ class LangGraphRuntime(HistoryRuntime[BaseMessage]):
                 version="v2",
             ),
         )
-        # aclosing: a cancelled turn closes the run at once, which cancels its nodes' tasks.
+        # A cancellation reaches the run inside astream, which cancels its nodes' tasks;
+        # aclosing closes it at once too when the loop below stops for any other reason.
         async with contextlib.aclosing(stream):
             async for part in stream:
                 if part["ns"]:

@@ -30,22 +30,39 @@ def say(
     *,
     reasoning: str = "",
     calls: Sequence[tuple[str, str, dict[str, Any]]] = (),
-    blocks: bool = False,
+    style: str = "kwargs",
 ) -> AIMessage:
     """A scripted response: ``reasoning`` then ``text`` then tool ``calls`` ``(id, name,
-    args)``. The reasoning is in ``additional_kwargs["reasoning_content"]`` (DeepSeek,
-    Ollama, Groq) or, with ``blocks=True``, in a ``reasoning`` content block (LangChain's
-    standard blocks, as Anthropic's and OpenAI's responses are translated)."""
+    args)``. The reasoning is where providers put it: ``style="kwargs"`` in
+    ``additional_kwargs["reasoning_content"]`` (DeepSeek, Ollama, Groq), ``"reasoning"`` in
+    a ``reasoning`` content block (LangChain's standard blocks), ``"thinking"`` in an
+    Anthropic ``thinking`` block; with a block, the text is a ``text`` block."""
     tool_calls = [ToolCall(name=name, args=args, id=call_id) for call_id, name, args in calls]
-    if blocks:
-        content: list[str | dict[str, Any]] = []
-        if reasoning:
-            content.append({"type": "reasoning", "reasoning": reasoning})
-        if text:
-            content.append({"type": "text", "text": text})
-        return AIMessage(content=content, tool_calls=tool_calls)
-    extra = {"reasoning_content": reasoning} if reasoning else {}
-    return AIMessage(content=text, additional_kwargs=extra, tool_calls=tool_calls)
+    if style == "kwargs":
+        extra = {"reasoning_content": reasoning} if reasoning else {}
+        return AIMessage(content=text, additional_kwargs=extra, tool_calls=tool_calls)
+    if style not in _BLOCKS:
+        raise ValueError(f"unknown reasoning style {style!r}")
+    content: list[str | dict[str, Any]] = []
+    if reasoning:
+        content.append({"type": style, style: reasoning})
+    if text:
+        content.append({"type": "text", "text": text})
+    return AIMessage(content=content, tool_calls=tool_calls)
+
+
+_BLOCKS = ("reasoning", "thinking")
+
+
+def _reasoning_of(message: AIMessage) -> tuple[str, str]:
+    """The scripted message's reasoning style and text."""
+    if isinstance(message.content, str):
+        return "kwargs", str(message.additional_kwargs.get("reasoning_content", ""))
+    for block in message.content:
+        if isinstance(block, dict) and block.get("type") in _BLOCKS:
+            style = str(block["type"])
+            return style, str(block[style])
+    return "reasoning", ""
 
 
 def _pieces(text: str) -> list[str]:
@@ -88,7 +105,8 @@ class ScriptedChatModel(BaseChatModel):
         self.offered.append(list(tools))
         if len(self.calls) > len(self.script):
             raise AssertionError(f"the script has {len(self.script)} responses, called again")
-        return self.script[len(self.calls) - 1]
+        step: AIMessage | Reply = self.script[len(self.calls) - 1]
+        return step
 
     async def _respond(self, messages: list[BaseMessage], tools: Sequence[str]) -> AIMessage:
         step = self._step(messages, tools)
@@ -125,17 +143,11 @@ class ScriptedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         message = await self._respond(messages, kwargs.get("tools", ()))
-        blocks = not isinstance(message.content, str)
-        reasoning = "".join(
-            str(block.get("reasoning", ""))
-            for block in message.content_blocks
-            if block["type"] == "reasoning"
-        )
+        style, reasoning = _reasoning_of(message)
+        blocks = style != "kwargs"
         for piece in _pieces(reasoning):
             if blocks:
-                chunk = AIMessageChunk(
-                    content=[{"type": "reasoning", "reasoning": piece, "index": 0}]
-                )
+                chunk = AIMessageChunk(content=[{"type": style, style: piece, "index": 0}])
             else:
                 chunk = AIMessageChunk(content="", additional_kwargs={"reasoning_content": piece})
             yield ChatGenerationChunk(message=chunk)

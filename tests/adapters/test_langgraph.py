@@ -70,7 +70,7 @@ async def test_a_message_is_answered_once_with_reasoning_and_tool_steps(
                 reasoning="Ada says hello, so I greet her.",
                 calls=[("call_hi", "send_message", {"text": "Hello Ada!"})],
             ),
-            say("Greeted Ada.", reasoning="Done: she has her answer.", blocks=True),
+            say("Greeted Ada.", reasoning="Done: she has her answer.", style="reasoning"),
         ]
     )
     runtime = LangGraphRuntime.from_model(model, system_prompt="You are Bot.", seed_history=0)
@@ -344,6 +344,7 @@ async def test_update_task_sets_the_turns_task(
             say(
                 reasoning="The task is shipped.",
                 calls=[("call_done", "update_task", {"status": "done"})],
+                style="thinking",
             ),
             say("Marked it done."),
         ]
@@ -361,6 +362,7 @@ async def test_update_task_sets_the_turns_task(
         StepType.TOOL_RESULT,
         StepType.TEXT,
     ]
+    assert steps[1].content == {"text": "The task is shipped."}  # an Anthropic thinking block
     assert steps[3].content == {"call_id": "call_done", "output": "done"}
     assert all(step.target_id == task.id for step in steps)
 
@@ -371,6 +373,8 @@ def own_graph(model: ScriptedChatModel) -> Any:
     bound = model.bind_tools(tools)
 
     async def agent_node(state: MessagesState) -> dict[str, Any]:
+        first = state["messages"][0]  # a node that changes what it is given, in place
+        first.additional_kwargs["seen"] = first.additional_kwargs.get("seen", 0) + 1
         return {"messages": [await bound.ainvoke(state["messages"])]}
 
     builder = StateGraph(MessagesState)
