@@ -20,6 +20,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.graph.state import CompiledStateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
 
 from parall_bridge import Gateway, GatewayConfig
@@ -31,7 +32,7 @@ SYSTEM_PROMPT = (
 )
 
 
-def build_graph(model: BaseChatModel) -> Any:
+def build_graph(model: BaseChatModel) -> CompiledStateGraph[Any, Any, Any, Any]:
     """The agent: the model with the Parall tools, and their tool node, in a loop."""
     tools = parall_tools()
     bound = model.bind_tools(tools)
@@ -94,12 +95,16 @@ def default_model() -> BaseChatModel:
 
 async def main(model: BaseChatModel | None = None) -> None:
     abort = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, abort.set)
-    runtime = LangGraphRuntime(build_graph(model or default_model()))  # the one line
-    config = GatewayConfig.from_env(state_path="langgraph_host.db")  # a restart resumes from it
-    gateway = Gateway(config, runtime)
-    await gateway.start(abort)  # runs until Ctrl-C, then shuts down cleanly
+        loop.add_signal_handler(sig, abort.set)
+    try:
+        runtime = LangGraphRuntime(build_graph(model or default_model()))  # the one line
+        config = GatewayConfig.from_env(state_path="langgraph_host.db")  # a restart resumes
+        await Gateway(config, runtime).start(abort)  # runs until Ctrl-C, then shuts down
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ The graph's state has a ``messages`` key (``MessagesState`` or a state of your o
 ``Annotated[list[AnyMessage], add_messages]``) and its tool node offers
 :func:`parall_tools`, the four Parall tools as LangChain tools::
 
-    runtime = LangGraphRuntime(graph)                           # a graph you built
-    runtime = LangGraphRuntime.from_model(model, [my_tool])      # or the standard agent loop
+    runtime = LangGraphRuntime(graph)  # a graph you built
+    runtime = LangGraphRuntime.from_model(model, [my_tool])  # or the standard agent loop
 
 The runtime keeps each session's messages itself (see
 :class:`~parall_bridge.adapters.base.HistoryRuntime`) and passes them in with the turn's
