@@ -199,7 +199,7 @@ class PydanticAIRuntime(HistoryRuntime[ModelMessage]):
             usage_limits=self._usage_limits,
             toolsets=[self._toolset(tools)],
             event_stream_handler=self._handler(recorder),
-            infer_name=False,  # inferring would set the user's agent.name
+            infer_name=False,  # inferring may set the user's agent.name
         )
         return TurnOutput(result.new_messages(), _output_text(result.output))
 

@@ -7,6 +7,7 @@ model saw (the messages ``FunctionModel`` was given)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -27,6 +28,8 @@ from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
     ModelResponse,
+    NativeToolCallPart,
+    NativeToolReturnPart,
     TextPart,
     ThinkingPart,
     ToolCallPart,
@@ -35,6 +38,7 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models.function import (
     AgentInfo,
+    BuiltinToolCallsReturns,
     DeltaThinkingCalls,
     DeltaThinkingPart,
     DeltaToolCall,
@@ -46,7 +50,7 @@ from pydantic_ai.toolsets import FunctionToolset
 
 from parall_bridge import SessionRef, StepType, TaskStatus, Turn
 from parall_bridge import protocol as p
-from parall_bridge.adapters.base import ParallTools, TurnOutput
+from parall_bridge.adapters.base import TOOL_NAMES, ParallTools, TurnOutput
 from parall_bridge.adapters.pydantic_ai import DEFAULT_INSTRUCTIONS, PydanticAIRuntime
 from parall_bridge.models import AgentStep, Chat, User
 from parall_bridge.testing import AgentAccount, FakeParallServer, running_gateway
@@ -78,7 +82,7 @@ class Block:
             raise
 
 
-Chunk: TypeAlias = str | DeltaToolCalls | DeltaThinkingCalls | Block
+Chunk: TypeAlias = str | DeltaToolCalls | DeltaThinkingCalls | BuiltinToolCallsReturns | Block
 Response: TypeAlias = Sequence[Chunk]
 
 
@@ -95,6 +99,11 @@ def call(name: str, args: Mapping[str, Any], call_id: str, index: int = 1) -> De
 def send(text: str, call_id: str, index: int = 1) -> DeltaToolCalls:
     """A call of the Parall send_message tool."""
     return call("send_message", {"text": text}, call_id, index)
+
+
+def native(index: int, part: NativeToolCallPart | NativeToolReturnPart) -> BuiltinToolCallsReturns:
+    """A provider-run tool's call or return, whole (part ``index`` of the response)."""
+    return {index: part}
 
 
 def current_prompt(messages: Sequence[ModelMessage]) -> tuple[str, int]:
@@ -136,7 +145,7 @@ class Scripted:
 
     async def __call__(
         self, messages: list[ModelMessage], info: AgentInfo
-    ) -> AsyncIterator[str | DeltaToolCalls | DeltaThinkingCalls]:
+    ) -> AsyncIterator[str | DeltaToolCalls | DeltaThinkingCalls | BuiltinToolCallsReturns]:
         prompt, step = current_prompt(messages)
         key = next(k for k in self.scripts if k in prompt)
         self.seen.append(Seen(key, step, list(messages), info))
@@ -232,7 +241,14 @@ async def test_a_message_is_answered_once_and_its_stream_recorded_in_order(
                 [think("Ada greets me. "), think("I should answer."), send("Hi Ada!", "call_hi")],
                 ["Replied to Ada."],
             ],
-            "again": [[send("Hi again!", "call_again")], ["Replied again."]],
+            "again": [
+                [  # a provider-run (native) tool, then a function tool
+                    native(0, NativeToolCallPart("web_search", {"query": "Ada"}, "ws_1")),
+                    native(1, NativeToolReturnPart("web_search", {"hits": 3}, "ws_1")),
+                    send("Hi again!", "call_again", index=2),
+                ],
+                ["Replied again."],
+            ],
         }
     )
     runtime = Recording(Agent(script.model()), seed_history=0)
@@ -244,7 +260,7 @@ async def test_a_message_is_answered_once_and_its_stream_recorded_in_order(
         await server.wait_for(lambda: gateway.stats().turns_succeeded == 2)
     assert replies(server, room, agent) == ["Hi Ada!", "Hi again!"]  # each once
     steps = server.steps(agent.user_id)
-    first = steps[:first_steps]
+    first, second_steps = steps[:first_steps], steps[first_steps:]
     assert [s.step_type for s in first] == [
         StepType.INPUT,
         StepType.THINKING,
@@ -265,6 +281,16 @@ async def test_a_message_is_answered_once_and_its_stream_recorded_in_order(
     # one response: thinking and its tool call; the next response: the text
     assert thinking.group_key == tool_call.group_key == tool_result.group_key
     assert text.group_key != tool_call.group_key
+    assert [(s.step_type, s.content.get("call_id")) for s in second_steps] == [
+        (StepType.INPUT, None),
+        (StepType.TOOL_CALL, "ws_1"),
+        (StepType.TOOL_RESULT, "ws_1"),
+        (StepType.TOOL_CALL, "call_again"),
+        (StepType.TOOL_RESULT, "call_again"),
+        (StepType.TEXT, None),
+    ]
+    assert second_steps[1].content["args"] == {"query": "Ada"}
+    assert second_steps[2].content["output"] == {"hits": 3}
     assert script.requests("hello")[0].info.instructions == DEFAULT_INSTRUCTIONS
     # the second turn ran on the first one's history, as Pydantic AI messages
     (second,) = script.requests("again")
@@ -532,10 +558,22 @@ async def test_a_run_leaves_the_users_agent_as_it_was(
 
 
 @pytest.mark.asyncio
-async def test_deps_factory_and_model_settings_reach_each_run(
+async def test_options_reach_each_run_and_the_file_and_history_tools_work(
     server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
 ) -> None:
-    script = Scripted({"who": [[call("whoami", {}, "call_who")], ["Told."]]})
+    upload = {"filename": "notes.md", "content": "# Notes", "content_type": "text/markdown"}
+    script = Scripted(
+        {
+            "who": [
+                [
+                    call("whoami", {}, "call_who", index=1),
+                    call("upload_file", upload, "call_upload", index=2),
+                    call("get_chat_history", {"limit": 5}, "call_history", index=3),
+                ],
+                ["Told."],
+            ]
+        }
+    )
     bot: Agent[str, str] = Agent(script.model(), deps_type=str)
 
     @bot.tool
@@ -553,7 +591,15 @@ async def test_deps_factory_and_model_settings_reach_each_run(
     async with running_gateway(server, agent, runtime) as gateway:
         server.post_message(room.id, ada.id, "who are you")
         await server.wait_for(lambda: gateway.stats().turns_succeeded == 1)
-    assert results(server.steps(agent.user_id))["call_who"]["output"] == f"deps of {room.id}"
+    by_id = results(server.steps(agent.user_id))
+    assert by_id["call_who"]["output"] == f"deps of {room.id}"
+    # the other Parall tools: a file posted in the chat, then the chat's history
+    question, posted = server.messages(room.id)
+    assert by_id["call_upload"]["output"] == posted.id
+    assert server.uploaded_bytes(posted.attachment_ids[0]) == b"# Notes"
+    assert by_id["call_history"]["output"] == (
+        f"[{question.id}] Ada: who are you\n[{posted.id}] Bot: notes.md\n[attachment: notes.md]"
+    )
     first = script.requests("who")[0].info
     assert first.model_settings is not None
     assert first.model_settings.get("temperature") == 0.25
@@ -565,6 +611,8 @@ async def test_deps_factory_and_model_settings_reach_each_run(
         "upload_file",
         "whoami",
     ]
+    # the Parall tools run one at a time, in the order called (replies land in order)
+    assert all(t.sequential for t in first.function_tools if t.name in TOOL_NAMES)
 
 
 @pytest.mark.asyncio
@@ -581,6 +629,41 @@ async def test_a_run_over_its_usage_limits_fails_the_turn_and_keeps_no_history(
     assert gateway.stats().turns_succeeded == 0
     assert not runtime.has_history(MAIN)  # nothing saved: no dangling tool call
     assert replies(server, room, agent) == ["first step"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """A structured output."""
+
+    answer: str
+    confidence: float
+
+
+@pytest.mark.asyncio
+async def test_a_structured_output_is_the_turns_text_as_json(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    script = Scripted(
+        {
+            "judge": [
+                [send("Yes.", "call_yes")],
+                [call("final_result", {"answer": "yes", "confidence": 0.5}, "call_out")],
+            ]
+        }
+    )
+    bot: Agent[None, Verdict] = Agent(script.model(), output_type=Verdict)
+    async with running_gateway(server, agent, Recording(bot, seed_history=0)) as gateway:
+        server.post_message(room.id, ada.id, "judge this")
+        await server.wait_for(lambda: gateway.stats().turns_succeeded == 1)
+    steps = server.steps(agent.user_id)
+    assert [s.step_type for s in steps] == [
+        StepType.INPUT,
+        StepType.TOOL_CALL,  # send_message; the output tool is no tool call of the agent's
+        StepType.TOOL_RESULT,
+        StepType.TEXT,
+    ]
+    assert json.loads(steps[-1].content["text"]) == {"answer": "yes", "confidence": 0.5}
+    assert steps[-1].content["suppressed"] is True
 
 
 def test_options_are_checked() -> None:
