@@ -12,6 +12,9 @@ import pytest
 
 from parall_bridge.testing import FakeParallServer
 
+GUIDE = Path(__file__).parents[2] / "docs" / "testing.md"
+GUIDE_EXAMPLE = Path(__file__).with_name("test_guide_example.py")
+
 
 def run_pytest(tmp_path: Path, test_source: str, *, without_pytest_asyncio: bool) -> str:
     """Run pytest on ``test_source`` in a subprocess; without pytest-asyncio, a module of
@@ -71,12 +74,24 @@ async def test_the_fixture_is_a_started_emulator(parall_server: FakeParallServer
     assert parall_server.url.startswith("http://127.0.0.1:")
 
 
-def test_the_testing_guide_example_passes(tmp_path: Path) -> None:
-    """docs/testing.md's example test, run as a user would: it cannot rot."""
-    guide = (Path(__file__).parents[2] / "docs" / "testing.md").read_text()
-    section = guide.split("## Testing your runtime", 1)[1]
-    example = section.split("```python\n", 1)[1].split("```", 1)[0]
-    assert "running_gateway" in example
-    out = run_pytest(tmp_path, example, without_pytest_asyncio=False)
+def guide_block(language: str, after: str) -> str:
+    """The first ``language`` code block of docs/testing.md after the heading ``after``."""
+    section = GUIDE.read_text().split(after, 1)[1]
+    return section.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_testing_guide_shows_its_example_test_as_it_is() -> None:
+    """The guide's whole-loop example is test_guide_example.py, which the suite runs."""
+    assert guide_block("python", "## Testing your runtime") == GUIDE_EXAMPLE.read_text()
+
+
+def test_the_guide_example_passes_with_the_guide_settings_and_no_warning(tmp_path: Path) -> None:
+    """The example in a project of its own, with the pytest settings the guide shows, as a
+    user would run it: it passes, and pytest-asyncio has nothing to warn about."""
+    settings = guide_block("toml", "## Setting up pytest")
+    assert "asyncio_default_fixture_loop_scope" in settings
+    (tmp_path / "pyproject.toml").write_text(settings)
+    out = run_pytest(tmp_path, GUIDE_EXAMPLE.read_text(), without_pytest_asyncio=False)
     assert out.startswith("exit 0"), out
     assert "1 passed" in out, out
+    assert "warning" not in out.lower(), out
