@@ -221,8 +221,11 @@ class _Recorder:
     complete arguments, and the tool results.
     """
 
-    def __init__(self, turn: Turn) -> None:
+    def __init__(self, turn: Turn, given: Iterable[str | None]) -> None:
         self._turn = turn
+        # The run's input (the history, the prompt) is not the run's: a subgraph node's
+        # update holds its whole state, the history included.
+        self._given = {message_id for message_id in given if message_id is not None}
         self._started: set[str] = set()  # responses whose tokens were seen
         self._done: set[str] = set()  # messages recorded whole
         self._reasoning = False
@@ -245,7 +248,7 @@ class _Recorder:
     def token(self, message: BaseMessage) -> None:
         """A chunk of a model response (or the whole response, from a model that does
         not stream)."""
-        if not isinstance(message, AIMessage):
+        if not isinstance(message, AIMessage) or message.id in self._given:
             return  # tool messages are recorded from the tool node's update
         self._start(message.id)
         reasoning = _reasoning(message)
@@ -268,7 +271,7 @@ class _Recorder:
     def message(self, message: BaseMessage) -> None:
         """A finished message a node added."""
         if message.id is not None:
-            if message.id in self._done:
+            if message.id in self._done or message.id in self._given:
                 return
             self._done.add(message.id)
         turn = self._turn
@@ -431,7 +434,7 @@ class LangGraphRuntime(HistoryRuntime[BaseMessage]):
         given = [m.model_copy(update={"id": m.id or _new_id()}, deep=True) for m in history]
         prompt = HumanMessage(turn.prompt(), id=_new_id())
         known = {m.id for m in given}
-        recorder = _Recorder(turn)
+        recorder = _Recorder(turn, [*known, prompt.id])
         final: list[BaseMessage] | None = None
         stream = cast(  # astream is an async generator: aclosing can close it
             "AsyncGenerator[StreamPart[Any, Any], None]",

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -420,6 +421,42 @@ async def test_a_graph_of_your_own_runs_unchanged_with_the_tools(
     assert server.uploaded_bytes(file_message.attachment_ids[0]) == b"# A"
     texts = [s.content["text"] for s in server.steps(agent.user_id) if s.step_type == "text"]
     assert texts == ["Hi.", "Uploaded.", "Second turn."]
+
+
+@pytest.mark.asyncio
+async def test_an_agent_in_a_subgraph_records_each_message_once(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    model = ScriptedChatModel(
+        script=[
+            say(reasoning="First.", calls=[("call_1", "send_message", {"text": "one"})]),
+            say("Sent one."),
+            say(reasoning="Second.", calls=[("call_2", "send_message", {"text": "two"})]),
+            say("Sent two."),
+        ]
+    )
+    inner = LangGraphRuntime.from_model(model).graph
+    outer = StateGraph(MessagesState)
+    outer.add_node("agent", inner)  # its update is its whole state, the history included
+    outer.add_edge(START, "agent")
+    runtime = LangGraphRuntime(outer.compile(), seed_history=0)
+    async with running_gateway(server, agent, runtime) as gateway:
+        for n, text in enumerate(("first", "second"), 1):
+            server.post_message(room.id, ada.id, text)
+            await server.wait_for(partial(succeeded, gateway, n))
+    assert replies(server, room, agent) == ["one", "two"]
+    steps = server.steps(agent.user_id)
+    second = steps[steps.index(next(s for s in steps[1:] if s.step_type == "input")) :]
+    assert kinds(second) == [
+        StepType.INPUT,
+        StepType.THINKING,
+        StepType.TOOL_CALL,
+        StepType.TOOL_RESULT,
+        StepType.TEXT,
+    ]
+    assert [s.content.get("call_id") for s in second[2:4]] == ["call_2", "call_2"]
+    assert second[1].content == {"text": "Second."}
+    assert len(runtime.history(MAIN)) == 8
 
 
 @pytest.mark.asyncio
