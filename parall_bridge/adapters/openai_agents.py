@@ -24,6 +24,7 @@ Needs ``pip install 'parall-bridge[openai-agents]'``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import logging
@@ -35,6 +36,9 @@ try:
         Agent,
         AgentsException,
         FunctionTool,
+        Handoff,
+        HandoffCallItem,
+        HandoffOutputItem,
         ItemHelpers,
         MessageOutputItem,
         RawResponsesStreamEvent,
@@ -94,11 +98,13 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
     """An :class:`~parall_bridge.AgentRuntime` that runs an OpenAI Agents SDK agent.
 
     The agent is never modified: each run uses ``agent.clone(tools=[*agent.tools,
-    *parall_tools])``. Its own tools, handoffs, guardrails, model and settings apply as they
-    are (a handoff's target agent does not get the Parall tools).
+    *parall_tools])``, and so for the agents it hands off to (a handoff's target gets the
+    Parall tools too, so it can reply). Their own tools, guardrails, model and settings
+    apply as they are.
 
     Args:
-        agent: the ``agents.Agent`` to run; it must not have a tool named like a Parall tool.
+        agent: the ``agents.Agent`` to run; neither it nor an agent it hands off to may
+            have a tool named like a Parall tool.
         run_config: the ``agents.RunConfig`` of every run, passed as it is (tracing, model
             provider, model settings...). By default, one plain ``RunConfig()`` of this
             runtime (its model provider is closed when the gateway stops). Tracing is the
@@ -179,7 +185,7 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
         prompt: TResponseInputItem = {"role": "user", "content": turn.prompt()}
         given = [*history, prompt]
         errors: dict[str, str] = {}
-        agent = self._agent.clone(tools=[*self._agent.tools, *_parall_tools(tools, errors)])
+        agent = _Equipped(_parall_tools(tools, errors)).agent(self._agent)
         context = self._context_factory(turn) if self._context_factory else self._context
         result = Runner.run_streamed(
             agent,
@@ -210,14 +216,53 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
 # --- the Parall tools -------------------------------------------------------------------
 
 
-def _check_tool_names(agent: Agent[Any]) -> None:
+def _check_tool_names(agent: Agent[Any], seen: set[int] | None = None) -> None:
+    """Refuse an agent, or an agent it hands off to, with a tool named like a Parall tool."""
+    seen = set() if seen is None else seen
+    if id(agent) in seen:
+        return
+    seen.add(id(agent))
     names = {name for tool in agent.tools if isinstance(name := getattr(tool, "name", None), str)}
     clash = sorted(names & set(TOOL_NAMES))
     if clash:
         raise ValueError(
-            f"the agent already has tools named {', '.join(clash)}: "
+            f"the agent {agent.name!r} already has tools named {', '.join(clash)}: "
             "the Parall tools use these names"
         )
+    for target in agent.handoffs:
+        if isinstance(target, Agent):
+            _check_tool_names(target, seen)
+
+
+class _Equipped:
+    """Clones of the agents of one run with the Parall tools added: the starting agent and
+    the agents it hands off to (a plain ``Agent`` in ``handoffs``, or the agent a
+    ``Handoff`` returns), each cloned once. The originals are not modified."""
+
+    def __init__(self, tools: list[FunctionTool]) -> None:
+        self._tools = tools
+        self._clones: dict[int, Agent[Any]] = {}
+
+    def agent(self, agent: Agent[Any]) -> Agent[Any]:
+        clone = self._clones.get(id(agent))
+        if clone is not None:
+            return clone
+        _check_tool_names(agent, {id(a) for a in self._clones})
+        clone = agent.clone(tools=[*agent.tools, *self._tools])
+        self._clones[id(agent)] = clone
+        clone.handoffs = [self._handoff(target) for target in agent.handoffs]  # a new list
+        return clone
+
+    def _handoff(self, target: Agent[Any] | Handoff[Any, Any]) -> Agent[Any] | Handoff[Any, Any]:
+        if isinstance(target, Agent):
+            return self.agent(target)
+        invoke = target.on_invoke_handoff
+
+        async def equipped(context: RunContextWrapper[Any], arguments: str) -> Any:
+            chosen = await invoke(context, arguments)
+            return self.agent(chosen) if isinstance(chosen, Agent) else chosen
+
+        return dataclasses.replace(target, on_invoke_handoff=equipped)
 
 
 def _parall_tools(tools: ParallTools, errors: dict[str, str]) -> list[FunctionTool]:
@@ -301,18 +346,20 @@ class _StreamRecorder:
                     turn.reasoning(summary.text, done=True)
                 for content in reasoning.content or []:
                     turn.reasoning(content.text, done=True)
-        elif isinstance(item, ToolCallItem):
+        elif isinstance(item, ToolCallItem | HandoffCallItem):  # a handoff is a tool call
             raw = item.raw_item
             call_id = _field(raw, "call_id") or _field(raw, "id") or ""
             name = _field(raw, "name") or _field(raw, "type") or "tool"
             turn.tool_call(str(call_id), str(name), _field(raw, "arguments"))
-        elif isinstance(item, ToolCallOutputItem):
+        elif isinstance(item, ToolCallOutputItem | HandoffOutputItem):
             call_id = str(_field(item.raw_item, "call_id") or _field(item.raw_item, "id") or "")
             error = self._errors.pop(call_id, None)
             if error is not None:
                 turn.tool_result(call_id, error=error)
-            else:
+            elif isinstance(item, ToolCallOutputItem):
                 turn.tool_result(call_id, output=item.output)
+            else:  # the handoff's output, e.g. {"assistant": "<the agent's name>"}
+                turn.tool_result(call_id, output=_field(item.raw_item, "output"))
         elif isinstance(item, MessageOutputItem):
             turn.text(ItemHelpers.text_message_output(item))
 

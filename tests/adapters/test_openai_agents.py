@@ -21,14 +21,16 @@ import agents
 import pytest
 from agents import (
     Agent,
+    Handoff,
     ModelSettings,
     RunConfig,
     RunItemStreamEvent,
     StreamEvent,
     function_tool,
+    handoff,
 )
 from agents.models.interface import ModelTracing
-from agents.testing import ModelCall
+from agents.testing import ModelCall, assistant_message, function_call
 
 from parall_bridge import Gateway, StepType, TaskStatus, Turn
 from parall_bridge import protocol as p
@@ -222,8 +224,6 @@ async def test_a_tool_error_reaches_the_model_and_the_turn_goes_on(
     outputs: list[dict[str, str]] = []
 
     def respond(call: ModelCall) -> Output:
-        from agents.testing import assistant_message, function_call
-
         if last_item(call).get("type") != "function_call_output":
             server.fail_next(p.LIST_CHAT_MESSAGES, status=403)  # the platform refuses
             return [  # three failing calls: a refused update, wrong arguments, a refusal
@@ -267,8 +267,6 @@ async def test_the_four_tools_act_on_the_platform(
     seen: dict[str, str] = {}
 
     def respond(call: ModelCall) -> Output:
-        from agents.testing import assistant_message, function_call
-
         if last_item(call).get("type") != "function_call_output":
             return [
                 function_call("get_chat_history", {"limit": 5}, call_id="call_history"),
@@ -290,6 +288,45 @@ async def test_the_four_tools_act_on_the_platform(
     posted = next(m for m in server.messages(room.id) if m.id == seen["call_file"])
     assert posted.sender_id == agent.user_id
     assert server.uploaded_bytes(posted.attachment_ids[0]) == b"# Notes"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("form", ["agent", "handoff"])
+async def test_an_agent_handed_off_to_gets_the_tools_and_replies(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat, form: str
+) -> None:
+    def triage(call: ModelCall) -> Output:
+        return [function_call("transfer_to_specialist", {}, call_id="call_handoff")]
+
+    def specialist(call: ModelCall) -> Output:
+        if "call_reply" in tool_outputs(call):
+            return [assistant_message("Handled.", item_id="msg_done")]
+        return [function_call("send_message", {"text": "Specialist here."}, call_id="call_reply")]
+
+    expert: Agent[Any] = Agent(name="Specialist", model=offline_model(specialist))
+    target: Agent[Any] | Handoff[Any, Any] = expert if form == "agent" else handoff(expert)
+    front: Agent[Any] = Agent(name="Triage", model=offline_model(triage), handoffs=[target])
+    expert.handoffs.append(front)  # a cycle: each is cloned once
+    runtime = OpenAIAgentsRuntime(front, run_config=quiet_config(), seed_history=0)
+    async with running_gateway(server, agent, runtime) as gateway:
+        server.post_message(room.id, ada.id, "I need the specialist")
+        await server.wait_for(lambda: succeeded(gateway, 1))
+    assert replies(server, room, agent) == ["Specialist here."]
+    steps = [(s.step_type, s.content) for s in server.steps(agent.user_id)][1:]
+    reply = next(m for m in server.messages(room.id) if m.sender_id == agent.user_id)
+    assert steps == [
+        ("tool_call", {"call_id": "call_handoff", "name": "transfer_to_specialist", "args": {}}),
+        ("tool_result", {"call_id": "call_handoff", "output": '{"assistant": "Specialist"}'}),
+        (
+            "tool_call",
+            {"call_id": "call_reply", "name": "send_message", "args": {"text": "Specialist here."}},
+        ),
+        ("tool_result", {"call_id": "call_reply", "output": reply.id}),
+        ("text", {"text": "Handled.", "suppressed": True}),
+    ]
+    assert front.handoffs == [target]  # neither agent was modified
+    assert expert.handoffs == [front]
+    assert expert.tools == []
 
 
 @pytest.mark.asyncio
@@ -489,6 +526,8 @@ def test_the_runtime_refuses_what_it_cannot_run() -> None:
 
     with pytest.raises(ValueError, match="send_message"):
         OpenAIAgentsRuntime(Agent(name="a", tools=[send_message]))
+    with pytest.raises(ValueError, match="'Expert' already has tools named send_message"):
+        OpenAIAgentsRuntime(Agent(name="a", handoffs=[Agent(name="Expert", tools=[send_message])]))
     with pytest.raises(TypeError, match=r"agents\.Agent"):
         OpenAIAgentsRuntime("not an agent")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="context_factory"):
