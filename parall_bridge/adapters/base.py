@@ -223,7 +223,10 @@ class ParallTools:
             raise ParallToolError("this turn is about a task, not a chat: there is no chat")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ParallToolError("limit must be a whole number from 1 to 100")
-        entries = await self.recent_messages(min(limit, _MAX_HISTORY_LIMIT))
+        try:
+            entries = await self.recent_messages(min(limit, _MAX_HISTORY_LIMIT))
+        except ParallError as error:
+            raise ParallToolError(f"the platform refused the history: {error}") from error
         if not entries:
             return "(no messages)"
         return "\n".join(f"[{entry.message_id}] {entry.line()}" for entry in entries)

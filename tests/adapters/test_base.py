@@ -11,6 +11,7 @@ from functools import partial
 import pytest
 
 from parall_bridge import ForkOutcome, Gateway, SessionRef, TaskStatus, Turn
+from parall_bridge import protocol as p
 from parall_bridge.adapters.base import (
     ChatEntry,
     HistoryRuntime,
@@ -113,7 +114,7 @@ async def test_a_cancelled_turn_leaves_the_history_as_it_was(
             await asyncio.Event().wait()
 
     runtime = Script(hang, seed_history=0)
-    async with running_gateway(server, agent, runtime) as gateway:
+    async with running_gateway(server, agent, runtime, shutdown_grace=0) as gateway:
         server.post_message(room.id, ada.id, "one")
         await server.wait_for(lambda: gateway.stats().turns_succeeded == 1)
         key = runtime.seen[0][0]
@@ -266,3 +267,27 @@ def test_importing_the_package_imports_no_framework() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.asyncio
+async def test_a_platform_refusal_is_a_tool_error(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    errors: list[str] = []
+
+    async def act(turn: Turn, tools: ParallTools) -> None:
+        for endpoint, call in (
+            (p.LIST_CHAT_MESSAGES, tools.get_chat_history),
+            (p.SEND_MESSAGE, partial(tools.send_message, "hi")),
+        ):
+            server.fail_next(endpoint, status=403)
+            with pytest.raises(ParallToolError) as error:
+                await call()
+            errors.append(str(error.value))
+
+    runtime = Script(act, seed_history=0)
+    async with running_gateway(server, agent, runtime) as gateway:
+        server.post_message(room.id, ada.id, "question")
+        await server.wait_for(lambda: gateway.stats().turns_succeeded == 1)
+    assert errors[0].startswith("the platform refused the history")
+    assert errors[1].startswith("the platform refused the message")
