@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
-from agents.items import TResponseOutputItem
+from agents.items import ModelResponse, TResponseOutputItem
+from agents.models.interface import Model
 from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_message, function_call
 from openai.types.responses import ResponseReasoningItem
 from openai.types.responses.response_reasoning_item import Summary
@@ -39,6 +40,22 @@ def offline_model(respond: Respond) -> ScriptedModel:
 
     model.enqueue(ModelStep.respond(step))
     return model
+
+
+class WholeReasoning(Model):
+    """A model that gives its reasoning whole, in the finished response only (no deltas),
+    as some providers do: ``inner``'s stream without its reasoning events."""
+
+    def __init__(self, inner: Model) -> None:
+        self.inner = inner
+
+    async def get_response(self, *args: Any, **kwargs: Any) -> ModelResponse:
+        return await self.inner.get_response(*args, **kwargs)
+
+    async def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async for event in self.inner.stream_response(*args, **kwargs):
+            if not event.type.startswith("response.reasoning_"):
+                yield event
 
 
 def reasoning(text: str, item_id: str) -> TResponseOutputItem:

@@ -40,7 +40,16 @@ from parall_bridge.models import Chat, User
 from parall_bridge.testing import AgentAccount, FakeParallServer, running_gateway
 
 from ..conftest import library_tasks
-from ._openai_model import REPLIED, Output, Replier, last_item, offline_model, text_of, tool_outputs
+from ._openai_model import (
+    REPLIED,
+    Output,
+    Replier,
+    WholeReasoning,
+    last_item,
+    offline_model,
+    text_of,
+    tool_outputs,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 AGENTS_DIR = str(Path(agents.__file__).resolve().parent)
@@ -195,6 +204,27 @@ async def test_a_message_gets_one_reply_and_the_steps_show_the_run(
     # The user's agent was not modified by the run.
     assert user_agent.tools is tools_before
     assert user_agent.tools == [lookup]
+
+
+@pytest.mark.asyncio
+async def test_reasoning_given_whole_is_recorded_once(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    brain = Replier()
+    user_agent: Agent[Any] = Agent(name="Assistant", model=WholeReasoning(offline_model(brain)))
+    runtime = OpenAIAgentsRuntime(user_agent, run_config=quiet_config(), seed_history=0)
+    async with running_gateway(server, agent, runtime) as gateway:
+        server.post_message(room.id, ada.id, "hello")
+        await server.wait_for(lambda: succeeded(gateway, 1))
+    steps = server.steps(agent.user_id)
+    assert [s.step_type for s in steps] == [
+        "input",
+        "thinking",
+        "tool_call",
+        "tool_result",
+        "text",
+    ]
+    assert steps[1].content == {"text": "They wrote 'hello'; I answer with send_message."}
 
 
 @pytest.mark.asyncio
