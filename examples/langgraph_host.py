@@ -17,37 +17,16 @@ import uuid
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
-from langgraph.graph import END, START, MessagesState, StateGraph
-from langgraph.graph.state import CompiledStateGraph
-from langgraph.prebuilt import ToolNode, tools_condition
 
 from parall_bridge import Gateway, GatewayConfig
-from parall_bridge.adapters.langgraph import LangGraphRuntime, parall_tools
+from parall_bridge.adapters.langgraph import LangGraphRuntime
 
-SYSTEM_PROMPT = (
+SYSTEM = (
     "You are a helpful agent in a team chat. Answer with the send_message tool: "
     "what you write outside it is not posted."
 )
-
-
-def build_graph(model: BaseChatModel) -> CompiledStateGraph[Any, Any, Any, Any]:
-    """The agent: the model with the Parall tools, and their tool node, in a loop."""
-    tools = parall_tools()
-    bound = model.bind_tools(tools)
-
-    async def agent(state: MessagesState) -> dict[str, Any]:
-        messages = [SystemMessage(SYSTEM_PROMPT), *state["messages"]]
-        return {"messages": [await bound.ainvoke(messages)]}
-
-    builder = StateGraph(MessagesState)
-    builder.add_node("agent", agent)
-    builder.add_node("tools", ToolNode(tools))
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", tools_condition, ["tools", END])
-    builder.add_edge("tools", "agent")
-    return builder.compile()  # no checkpointer: the runtime keeps each session's history
 
 
 class OfflineModel(BaseChatModel):
@@ -99,7 +78,7 @@ async def main(model: BaseChatModel | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, abort.set)
     try:
-        runtime = LangGraphRuntime(build_graph(model or default_model()))  # the one line
+        runtime = LangGraphRuntime.from_model(model or default_model(), system_prompt=SYSTEM)
         config = GatewayConfig.from_env(state_path="langgraph_host.db")  # a restart resumes
         await Gateway(config, runtime).start(abort)  # runs until Ctrl-C, then shuts down
     finally:
