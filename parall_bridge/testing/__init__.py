@@ -13,7 +13,13 @@ from __future__ import annotations
 
 from ._faults import FaultInjector
 from ._gateway import running_gateway
-from ._records import AgentAccount, ClientFrame, RecordedRequest, WsConnectionRecord
+from ._records import (
+    AgentAccount,
+    ClientFrame,
+    RecordedRequest,
+    UploadRecord,
+    WsConnectionRecord,
+)
 from .server import FakeParallServer
 
 __all__ = [
@@ -22,6 +28,7 @@ __all__ = [
     "FakeParallServer",
     "FaultInjector",
     "RecordedRequest",
+    "UploadRecord",
     "WsConnectionRecord",
     "running_gateway",
 ]

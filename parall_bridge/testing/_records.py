@@ -1,5 +1,5 @@
 """Records the emulator keeps for inspection by tests: requests, client frames,
-WebSocket connections, and the agent accounts it seeds.
+WebSocket connections, uploads, and the agent accounts it seeds.
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ import attrs
 
 from ..models import User
 
-__all__ = ["AgentAccount", "ClientFrame", "RecordedRequest", "WsConnectionRecord"]
+__all__ = ["AgentAccount", "ClientFrame", "RecordedRequest", "UploadRecord", "WsConnectionRecord"]
 
 
 def _redact(_: object) -> str:
     return "'***'"
+
+
+def _size(data: bytes | None) -> str:
+    return "None" if data is None else f"<{len(data)} bytes>"
 
 
 @attrs.frozen
@@ -32,6 +36,9 @@ class RecordedRequest:
         json: the parsed JSON body, or ``None`` when the body was empty or not JSON.
         user_id: the owner of the API key the request carried, or ``None``.
         status: the status answered, or ``None`` when the connection was dropped.
+        received_at: when the request arrived (UTC), before any simulated latency or
+            injected delay: the gaps between a client's retries are measured on it.
+        answered_at: when the answer was ready, or the connection dropped (UTC).
     """
 
     method: str
@@ -40,6 +47,8 @@ class RecordedRequest:
     json: Any
     user_id: str | None
     status: int | None
+    received_at: datetime
+    answered_at: datetime
 
 
 @attrs.frozen
@@ -72,6 +81,14 @@ class WsConnectionRecord:
         closed_code: the close code (the server's when it closed the connection,
             else the client's); ``None`` while the connection is open.
         session_id: the ``session_id`` sent in ``hello`` (``None`` before it).
+        ticket: the ``ticket`` query value the upgrade carried (``None`` when absent):
+            compare it with the ticket a client was issued. Tickets are single-use,
+            so keeping it gives nothing away.
+        query: every query parameter of the upgrade request (the last value of a
+            repeated name wins).
+        headers: the upgrade request's headers; the value of an ``Authorization``
+            header is kept as ``"***"`` (the protocol wants none: the ticket is the
+            credential), never as sent.
     """
 
     user_id: str | None
@@ -80,6 +97,37 @@ class WsConnectionRecord:
     ticket_ok: bool = False
     closed_code: int | None = None
     session_id: str | None = None
+    ticket: str | None = None
+    query: Mapping[str, str] = attrs.field(factory=dict)
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class UploadRecord:
+    """An attachment as the emulator holds it: presigned by a client, or stored with
+    :meth:`~parall_bridge.testing.FakeParallServer.add_attachment`.
+
+    Attributes:
+        attachment_id: the attachment's id.
+        file_name: the file name given at presign.
+        mime_type: the MIME type given at presign.
+        file_size: the size given at presign, in bytes.
+        content_type: the ``Content-Type`` header the bytes were uploaded with, as sent
+            (parameters included), or ``None`` until they are.
+        data: the bytes uploaded, or ``None`` until they are.
+        completed: whether ``upload/complete`` made it usable.
+        created_by: the user whose key presigned it (``None`` for an attachment the
+            test stored).
+    """
+
+    attachment_id: str
+    file_name: str
+    mime_type: str
+    file_size: int
+    content_type: str | None
+    data: bytes | None = attrs.field(repr=_size)
+    completed: bool
+    created_by: str | None
 
 
 @attrs.frozen

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -321,6 +322,7 @@ class RestApi:
         """Record the request, apply its fault, authenticate ``/api/v1`` calls, map errors."""
         if request.path == WS_PATH:
             return await handler(request)
+        received_at = datetime.now(UTC)
         endpoint = self._endpoint_of(request)
         raw = await request.read()
         api_key = _bearer(request)
@@ -338,10 +340,15 @@ class RestApi:
             return response
         finally:
             if self._requests is not None:
-                self._requests.append(self._recorded(request, raw, api_key, status))
+                self._requests.append(self._recorded(request, raw, api_key, status, received_at))
 
     def _recorded(
-        self, request: web.Request, raw: bytes, api_key: str | None, status: int | None
+        self,
+        request: web.Request,
+        raw: bytes,
+        api_key: str | None,
+        status: int | None,
+        received_at: datetime,
     ) -> RecordedRequest:
         resource = request.match_info.route.resource
         is_upload = resource is not None and resource.canonical == UPLOAD_ROUTE
@@ -352,6 +359,8 @@ class RestApi:
             json=None if is_upload else _recorded_json(raw),
             user_id=self._state.key_owner(api_key) if api_key else None,
             status=status,
+            received_at=received_at,
+            answered_at=datetime.now(UTC),
         )
 
     async def _respond(
@@ -517,8 +526,8 @@ class RestApi:
 
     async def presign_upload(self, request: web.Request) -> web.Response:
         """``POST /orgs/{org}/upload/presign``."""
-        self._org(request)
-        return _json(self._state.presign(await _body(request)))
+        caller = self._org(request)
+        return _json(self._state.presign(caller, await _body(request)))
 
     async def complete_upload(self, request: web.Request) -> web.Response:
         """``POST /orgs/{org}/upload/complete``."""

@@ -331,6 +331,7 @@ class _Upload:
     data: bytes | None = None
     content_type: str | None = None
     completed: bool = False
+    created_by: str | None = None
 
 
 @attrs.frozen
@@ -501,6 +502,16 @@ class EmulatorState:
         self.chat(chat_id)
         return list(self._members[chat_id])
 
+    def add_member(self, chat_id: str, user_id: str) -> Wire:
+        """Add a user to a chat's members: the messages posted from now on reach them."""
+        self.chat(chat_id)
+        self.user(user_id)
+        members = self._members[chat_id]
+        if user_id in members:
+            raise ValueError(f"{user_id!r} is already a member of chat {chat_id!r}")
+        members.append(user_id)
+        return self._chats[chat_id]
+
     def visible_chat(self, caller: str, chat_id: str) -> Wire:
         """A chat the caller is a member of (:class:`NotFound` otherwise)."""
         chat = self.chat(chat_id)
@@ -661,6 +672,15 @@ class EmulatorState:
         self.chat(chat_id)
         records = (self._messages[m] for m in self._chat_messages[chat_id])
         return [(r.ordinal, r.wire) for r in records if not r.deleted]
+
+    def org_messages(self) -> list[Wire]:
+        """Every live message of the org (every chat), in the order posted."""
+        return [r.wire for r in self._messages.values() if not r.deleted]
+
+    def idempotency_keys(self) -> dict[str, str]:
+        """Every ``idempotency_key`` a send carried, in the order first seen, with the
+        id of the message its first use created."""
+        return dict(self._idempotency)
 
     def replies(self, caller: str, message_id: str) -> list[tuple[int, Wire]]:
         """The replies in the thread of a message, oldest first."""
@@ -927,7 +947,7 @@ class EmulatorState:
         path = DOWNLOAD_ROUTE.format(attachment_id=upload.id)
         return f"{self.base_url}{path}?sig={upload.download_sig}"
 
-    def presign(self, body: Any) -> Wire:
+    def presign(self, caller: str, body: Any) -> Wire:
         """``POST upload/presign``: reserve an attachment id and an upload URL."""
         body = _require_object(body)
         file_name = _require_str(body, "file_name")
@@ -942,6 +962,7 @@ class EmulatorState:
             file_size=file_size,
             upload_sig=secrets.token_urlsafe(12),
             download_sig=secrets.token_urlsafe(12),
+            created_by=caller,
         )
         self._uploads[upload.id] = upload
         return {"attachment_id": upload.id, "upload_url": self.upload_url(upload)}
@@ -1033,10 +1054,16 @@ class EmulatorState:
             raise NotFound(f"no bytes stored for attachment {attachment_id!r}")
         return upload.data
 
-    def uploaded_content_type(self, attachment_id: str) -> str | None:
-        """The ``Content-Type`` the upload was sent with."""
+    def uploads(self) -> list[_Upload]:
+        """Every attachment, presigned or stored, in the order created."""
+        return list(self._uploads.values())
+
+    def upload(self, attachment_id: str) -> _Upload:
+        """One attachment (:class:`NotFound` when unknown)."""
         upload = self._uploads.get(attachment_id)
-        return None if upload is None else upload.content_type
+        if upload is None:
+            raise NotFound(f"attachment {attachment_id!r} not found")
+        return upload
 
     # --- WebSocket tickets --------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from ..protocol import (
     FRAME_PING,
     FRAME_PONG,
     FRAME_RECOVERY_OVERFLOW,
+    HEADER_AUTHORIZATION,
     QUERY_LAST_SEQ,
     QUERY_TICKET,
 )
@@ -98,6 +99,14 @@ def _frame(frame_type: str, data: Mapping[str, Any], seq: int | None = None) -> 
     return json.dumps({"type": frame_type, "seq": seq, "data": data})
 
 
+def _recorded_headers(request: web.Request) -> dict[str, str]:
+    """The upgrade request's headers, an ``Authorization`` value replaced by ``***``."""
+    return {
+        name: "***" if name.lower() == HEADER_AUTHORIZATION.lower() else value
+        for name, value in request.headers.items()
+    }
+
+
 def _parse_last_seq(raw: str | None) -> int | None:
     if raw is None:
         return None
@@ -155,6 +164,11 @@ class WsHub:
                 self._enqueue(conn, _Outgoing(text, is_event=True))
         return stream.seq
 
+    def seq(self, user_id: str) -> int:
+        """The seq of the last event frame numbered for ``user_id`` (0 before the first)."""
+        stream = self._streams.get(user_id)
+        return 0 if stream is None else stream.seq
+
     def reset_seq(self, user_id: str | None = None) -> None:
         """Forget the replay buffer and restart numbering at 0 (one user, or all)."""
         for uid, stream in self._streams.items():
@@ -188,7 +202,14 @@ class WsHub:
             timeout=CLOSE_HANDSHAKE_TIMEOUT,
         )
         await ws.prepare(request)
-        record = WsConnectionRecord(user_id=None, last_seq=last_seq, opened_at=datetime.now(UTC))
+        record = WsConnectionRecord(
+            user_id=None,
+            last_seq=last_seq,
+            opened_at=datetime.now(UTC),
+            ticket=request.query.get(QUERY_TICKET),
+            query=dict(request.query.items()),
+            headers=_recorded_headers(request),
+        )
         self._records.append(record)
         try:
             user_id, api_key, revoked = self._state.redeem_ticket(

@@ -29,9 +29,15 @@ from ..models import (
 )
 from ..protocol import CLOSE_FORBIDDEN, WS_PATH, Endpoint
 from ._faults import FaultInjector
-from ._records import AgentAccount, ClientFrame, RecordedRequest, WsConnectionRecord
+from ._records import (
+    AgentAccount,
+    ClientFrame,
+    RecordedRequest,
+    UploadRecord,
+    WsConnectionRecord,
+)
 from ._rest import MAX_BODY_SIZE, RestApi
-from ._state import EmulatorState, SmartRouter
+from ._state import EmulatorState, SmartRouter, _Upload
 from ._ws import WsHub
 
 __all__ = ["FakeParallServer"]
@@ -54,6 +60,19 @@ def _describe(predicate: Callable[[], bool]) -> str:
     return f"{name} ({code.co_filename}:{code.co_firstlineno})"
 
 
+def _upload_record(upload: _Upload) -> UploadRecord:
+    return UploadRecord(
+        attachment_id=upload.id,
+        file_name=upload.file_name,
+        mime_type=upload.mime_type,
+        file_size=upload.file_size,
+        content_type=upload.content_type,
+        data=upload.data,
+        completed=upload.completed,
+        created_by=upload.created_by,
+    )
+
+
 class FakeParallServer:
     """A Parall emulator: a real aiohttp HTTP + WebSocket server on ``127.0.0.1``.
 
@@ -62,9 +81,11 @@ class FakeParallServer:
     ``recovery.overflow``, ping/pong) and the dispatch semantics. Seed it with
     users, agents, chats and tasks; drive it by posting messages and assigning
     tasks (the live events and dispatch items follow as on the platform);
-    inspect what clients did through :attr:`requests`, :attr:`ws_frames`,
-    :attr:`ws_connections` and the inspection methods; inject REST and
-    WebSocket faults.
+    inspect what clients did through :attr:`requests` (with their times),
+    :attr:`ws_frames`, :attr:`ws_connections` (with each upgrade's ticket, query
+    and headers) and the inspection methods (:meth:`messages`, :meth:`uploads`,
+    :meth:`idempotency_keys`, :meth:`seq`, :meth:`steps`, :meth:`dispatch_items`...);
+    inject REST and WebSocket faults.
 
     Use it as an async context manager (or call :meth:`start` and
     :meth:`close`)::
@@ -299,6 +320,17 @@ class FakeParallServer:
         )
         return structure(chat, Chat)
 
+    def add_member(self, chat_id: str, user_id: str) -> Chat:
+        """Add a user to an existing chat: the messages posted from now on reach them
+        (``message.new``, and for an agent the dispatch items of its routing). The
+        protocol has no frame for a new member, so nothing is sent now.
+
+        Raises:
+            KeyError: no such chat or user.
+            ValueError: the user is a member already.
+        """
+        return structure(self._state.add_member(chat_id, user_id), Chat)
+
     def update_chat(self, chat_id: str, **changes: Any) -> Chat:
         """Change ``type``, ``name`` and/or ``agent_routing_mode``; members get ``chat.update``."""
         return structure(self._state.update_chat(chat_id, changes), Chat)
@@ -433,9 +465,41 @@ class FakeParallServer:
         """How many steps the agent wrote (all sessions), without building them."""
         return self._state.step_count(agent_id)
 
-    def messages(self, chat_id: str) -> list[Message]:
-        """The chat's messages (deleted ones left out), oldest first."""
+    def messages(self, chat_id: str | None = None) -> list[Message]:
+        """The chat's messages, or with no ``chat_id`` every message of the org (every
+        chat), oldest first; deleted ones are left out."""
+        if chat_id is None:
+            return [structure(m, Message) for m in self._state.org_messages()]
         return [structure(m, Message) for _, m in self._state.chat_messages(chat_id)]
+
+    def members(self, chat_id: str) -> list[str]:
+        """The user ids of a chat's members, in the order they joined."""
+        return self._state.members(chat_id)
+
+    def idempotency_keys(self) -> dict[str, str]:
+        """Every ``idempotency_key`` the org's sends carried, in the order first seen,
+        mapped to the id of the message its first use created (a repeat creates
+        nothing: :attr:`requests` shows each use)."""
+        return self._state.idempotency_keys()
+
+    def uploads(self) -> list[UploadRecord]:
+        """Every attachment, presigned by a client or stored by the test, in the order
+        created: its ``Content-Type`` as uploaded, its bytes, whether it was completed."""
+        return [_upload_record(u) for u in self._state.uploads()]
+
+    def upload(self, attachment_id: str) -> UploadRecord:
+        """One attachment (see :meth:`uploads`).
+
+        Raises:
+            KeyError: no such attachment.
+        """
+        return _upload_record(self._state.upload(attachment_id))
+
+    def seq(self, user_id: str) -> int:
+        """The ``seq`` of the last event frame numbered for a user: the highest a
+        client of theirs can have seen (0 before the first, and after
+        :meth:`reset_seq`)."""
+        return self._hub.seq(user_id)
 
     def get_task(self, task_id: str) -> Task:
         """A task as it is now."""
