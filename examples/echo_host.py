@@ -2,6 +2,7 @@
 PRLL_ORG_ID set (``python -m parall_bridge emulator`` prints a local set)."""
 
 import asyncio
+import logging
 import signal
 
 from parall_bridge import AgentRuntime, Gateway, GatewayConfig, Turn
@@ -26,4 +27,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)  # says when it connected, each turn, each stop
     asyncio.run(main())

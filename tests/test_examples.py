@@ -86,6 +86,45 @@ async def test_echo_host_replies_and_stops_on_sigint(
 
 
 @pytest.mark.asyncio
+async def test_echo_host_run_as_a_script_says_it_connected(
+    server: FakeParallServer, agent: AgentAccount, tmp_path: Path
+) -> None:
+    """``python examples/echo_host.py`` logs at INFO on stderr, as the README says: a
+    line once connected, one when stopped."""
+    env = {
+        **os.environ,
+        "PRLL_API_URL": server.url,
+        "PRLL_API_KEY": agent.api_key,
+        "PRLL_ORG_ID": server.org_id,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / "echo_host.py"),
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    lines: list[str] = []
+    try:
+        assert process.stderr is not None
+        async with asyncio.timeout(20):
+            while not lines or not lines[-1].startswith("INFO:parall_bridge.gateway:connected;"):
+                line = await process.stderr.readline()
+                assert line, f"stderr ended: {lines}"
+                lines.append(line.decode().rstrip())
+        process.send_signal(signal.SIGINT)
+        _, rest = await asyncio.wait_for(process.communicate(), 15)
+        assert process.returncode == 0, lines
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert lines[-1] == "INFO:parall_bridge.gateway:connected; 0 chat(s) cached"  # none yet
+    assert "INFO:parall_bridge.gateway:gateway stopped" in (rest or b"").decode().splitlines()
+
+
+@pytest.mark.asyncio
 async def test_streaming_host_records_the_stream_as_steps(
     server: FakeParallServer,
     agent: AgentAccount,

@@ -198,7 +198,7 @@ class Intake:
     async def _on_hello(self, hello: Hello) -> None:
         try:
             count = await self._chats.load()
-            _log.info("connected; %d chats cached", count)
+            _log.info("connected; %d chat(s) cached", count)
         except ParallError as exc:
             _log.warning("could not load the chats: %s", str(exc))
         except Exception:
