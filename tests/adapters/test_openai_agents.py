@@ -277,7 +277,7 @@ async def test_a_tool_error_reaches_the_model_and_the_turn_goes_on(
     (seen,) = outputs
     assert seen["call_task"] == "this turn is about a chat message, not a task"
     assert seen["call_bad"].startswith("Invalid JSON input for tool send_message")
-    assert seen["call_refused"].startswith("the platform failed: ")
+    assert seen["call_refused"].startswith("the platform refused")
     assert "403" in seen["call_refused"]
     results = {
         s.content["call_id"]: s.content
