@@ -158,10 +158,17 @@ class Scripted:
 
 
 class Recording(PydanticAIRuntime):
-    """The runtime under test, noting the sessions its turns ran on and its forks."""
+    """The runtime under test, noting the sessions its turns ran on and its forks; its
+    turns get Parall tools of ``tools_type``."""
 
-    def __init__(self, agent: AbstractAgent[Any, Any], **options: Any) -> None:
+    def __init__(
+        self,
+        agent: AbstractAgent[Any, Any],
+        tools_type: type[ParallTools] = ParallTools,
+        **options: Any,
+    ) -> None:
         super().__init__(agent, **options)
+        self.tools_type = tools_type
         self.sessions: list[str] = []
         self.forks: list[SessionRef] = []
 
@@ -169,6 +176,8 @@ class Recording(PydanticAIRuntime):
         self, turn: Turn, history: Sequence[ModelMessage], tools: ParallTools
     ) -> TurnOutput[ModelMessage]:
         self.sessions.append(turn.session_key)
+        if self.tools_type is not ParallTools:
+            tools = self.tools_type(turn)
         return await super().run_with_history(turn, history, tools)
 
     async def fork_session(self, parent: SessionRef) -> SessionRef | None:
@@ -176,6 +185,16 @@ class Recording(PydanticAIRuntime):
         assert child is not None
         self.forks.append(child)
         return child
+
+
+class BuggyTools(ParallTools):
+    """Parall tools whose get_chat_history(limit=13) fails as a bug would: not with a
+    ``ParallToolError``."""
+
+    async def get_chat_history(self, limit: int = 20) -> str:
+        if limit == 13:
+            raise KeyError("the index is corrupt")
+        return await super().get_chat_history(limit)
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -329,12 +348,13 @@ async def test_tool_errors_reach_the_model_as_errors_and_the_turn_goes_on(
                 [send("   ", "call_empty_2")],  # more than Pydantic AI's default retries
                 [call("send_message", {"txt": "hi"}, "call_bad_args")],  # invalid arguments
                 [call("get_chat_history", {"limit": 5}, "call_down")],  # the platform fails
+                [call("get_chat_history", {"limit": 13}, "call_bug")],  # the tool has a bug
                 [send("Sorry, here I am.", "call_ok")],
                 ["Answered."],
             ]
         }
     )
-    runtime = Recording(Agent(script.model()), seed_history=0)
+    runtime = Recording(Agent(script.model()), BuggyTools, seed_history=0)
     server.fail_next(p.LIST_CHAT_MESSAGES, status=404)  # only get_chat_history lists them
     async with running_gateway(server, agent, runtime) as gateway:
         server.post_message(room.id, ada.id, "help")
@@ -347,13 +367,16 @@ async def test_tool_errors_reach_the_model_as_errors_and_the_turn_goes_on(
     assert "non-empty" in by_id["call_empty_1"]["error"]
     assert "non-empty" in by_id["call_empty_2"]["error"]
     assert "text" in by_id["call_bad_args"]["error"]  # the missing argument, named
-    assert "get_chat_history failed: NotFoundError" in by_id["call_down"]["error"]
+    assert "the platform refused" in by_id["call_down"]["error"]
+    assert "404" in by_id["call_down"]["error"]
     assert "output" not in by_id["call_down"]
+    assert by_id["call_bug"]["error"] == "get_chat_history failed: KeyError: 'the index is corrupt'"
     assert "error" not in by_id["call_ok"]
     # what the model saw: failed tool results (the native error channel), then went on
-    final = script.requests("help", step=6)[0].messages
+    final = script.requests("help", step=7)[0].messages
     seen = returns(final)
-    for call_id in ("call_task", "call_limit", "call_empty_1", "call_empty_2", "call_down"):
+    failed = ("call_task", "call_limit", "call_empty_1", "call_empty_2", "call_down", "call_bug")
+    for call_id in failed:
         assert seen[call_id].outcome == "failed", call_id
         assert seen[call_id].content == by_id[call_id]["error"]
     assert seen["call_bad_args"].outcome == "retried"
