@@ -216,12 +216,8 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
 # --- the Parall tools -------------------------------------------------------------------
 
 
-def _check_tool_names(agent: Agent[Any], seen: set[int] | None = None) -> None:
-    """Refuse an agent, or an agent it hands off to, with a tool named like a Parall tool."""
-    seen = set() if seen is None else seen
-    if id(agent) in seen:
-        return
-    seen.add(id(agent))
+def _check_own_tools(agent: Agent[Any]) -> None:
+    """Refuse an agent that has a tool named like a Parall tool."""
     names = {name for tool in agent.tools if isinstance(name := getattr(tool, "name", None), str)}
     clash = sorted(names & set(TOOL_NAMES))
     if clash:
@@ -229,6 +225,15 @@ def _check_tool_names(agent: Agent[Any], seen: set[int] | None = None) -> None:
             f"the agent {agent.name!r} already has tools named {', '.join(clash)}: "
             "the Parall tools use these names"
         )
+
+
+def _check_tool_names(agent: Agent[Any], seen: set[int] | None = None) -> None:
+    """Refuse an agent, or an agent it hands off to, with a tool named like a Parall tool."""
+    seen = set() if seen is None else seen
+    if id(agent) in seen:
+        return
+    seen.add(id(agent))
+    _check_own_tools(agent)
     for target in agent.handoffs:
         if isinstance(target, Agent):
             _check_tool_names(target, seen)
@@ -247,7 +252,7 @@ class _Equipped:
         clone = self._clones.get(id(agent))
         if clone is not None:
             return clone
-        _check_tool_names(agent, {id(a) for a in self._clones})
+        _check_own_tools(agent)  # the agents it hands off to are checked as they are cloned
         clone = agent.clone(tools=[*agent.tools, *self._tools])
         self._clones[id(agent)] = clone
         clone.handoffs = [self._handoff(target) for target in agent.handoffs]  # a new list
