@@ -64,6 +64,7 @@ except ImportError as error:  # pragma: no cover (the extra is installed in the 
 from ..runtime import Turn
 from .base import (
     DEFAULT_SEED_HISTORY,
+    TOOL_NAMES,
     ChatEntry,
     HistoryRuntime,
     ParallToolError,
@@ -120,7 +121,8 @@ class PydanticAIRuntime(HistoryRuntime[ModelMessage]):
 
     Raises:
         TypeError: both ``deps`` and ``deps_factory`` were given.
-        ValueError: an option is out of range.
+        ValueError: an option is out of range, or the agent has a function tool named
+            like a Parall tool.
     """
 
     def __init__(
@@ -141,6 +143,14 @@ class PydanticAIRuntime(HistoryRuntime[ModelMessage]):
             raise TypeError("give deps or deps_factory, not both")
         if tool_retries < 0:
             raise ValueError("tool_retries must be 0 or more")
+        for toolset in agent.toolsets:  # the static ones: Pydantic AI refuses a clash per run
+            if not isinstance(toolset, FunctionToolset):
+                continue
+            if taken := sorted(set(TOOL_NAMES) & set(toolset.tools)):
+                raise ValueError(
+                    f"the agent has tools named like the Parall tools ({', '.join(taken)}): "
+                    "rename them (Pydantic AI refuses two tools of one name)"
+                )
         self._agent = agent
         self._deps = deps
         self._deps_factory = deps_factory

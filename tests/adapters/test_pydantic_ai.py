@@ -701,6 +701,12 @@ def test_options_are_checked() -> None:
         PydanticAIRuntime(bot, tool_retries=-1)
     assert PydanticAIRuntime(bot).agent is bot
 
+    async def send_message(text: str) -> str:
+        return text
+
+    with pytest.raises(ValueError, match=r"named like the Parall tools \(send_message\)"):
+        PydanticAIRuntime(Agent(TestModel(), tools=[send_message]))
+
 
 def test_without_pydantic_ai_the_import_error_names_the_extra() -> None:
     code = (
