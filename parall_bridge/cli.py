@@ -41,9 +41,18 @@ from typing import Any, Final
 import attrs
 
 from . import protocol as p
+from ._retry import RetryPolicy
 from .client import ParallClient
 from .errors import ConfigurationError, ParallError
 from .gateway import Gateway, GatewayConfig
+from .gateway.config import (
+    ENV_AGENT_ID,
+    ENV_API_KEY,
+    ENV_API_URL,
+    ENV_ORG_ID,
+    ENV_STATE_PATH,
+    ENV_WS_URL,
+)
 from .routing import RoutingStrategy, SerialRoutingStrategy
 from .runtime import AgentRuntime
 from .ws import ParallWs, ws_url_from_base
@@ -59,6 +68,11 @@ __all__ = [
 
 CHECK_WS_TIMEOUT = 15.0
 """How long ``check`` waits for the WebSocket ``hello``."""
+CHECK_REQUEST_TIMEOUT: Final = 10.0
+"""How long ``check`` waits for each REST answer."""
+CHECK_RETRY: Final = RetryPolicy(max_retries=0)
+"""``check`` asks once: it reports what it finds, at once (a refused connection fails in
+milliseconds, not after the seconds of backoff a gateway would spend)."""
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EMULATOR_PORT: Final = 8765
 """The port ``emulator`` serves on unless told (``--port 0``: any free port)."""
@@ -256,7 +270,8 @@ async def run_gateway(
 
 async def check(config: GatewayConfig, out: Callable[[str], None] = _print) -> int:
     """Check a configuration against the platform, printing one line per check; returns
-    the exit status (1 when a check failed). Nothing is written to the platform."""
+    the exit status (1 when a check failed). Nothing is written to the platform, and
+    nothing is retried: a platform that cannot be reached fails the first check at once."""
     failed = False
 
     def report(ok: bool, what: str, detail: str) -> None:
@@ -264,7 +279,13 @@ async def check(config: GatewayConfig, out: Callable[[str], None] = _print) -> i
         failed = failed or not ok
         out(f"{'ok  ' if ok else 'FAIL'}  {what}: {detail}")
 
-    async with ParallClient(config.parall_url, config.api_key) as client:
+    async with ParallClient(
+        config.parall_url,
+        config.api_key,
+        retry=CHECK_RETRY,
+        timeout=CHECK_REQUEST_TIMEOUT,
+        verify_tls=config.verify_tls,
+    ) as client:
         try:
             me = await client.get_agent_me(config.org_id)
         except ParallError as exc:
@@ -289,6 +310,7 @@ async def check(config: GatewayConfig, out: Callable[[str], None] = _print) -> i
             client.get_ws_ticket,
             config.ws_url or ws_url_from_base(config.parall_url),
             reconnect=False,
+            verify_tls=config.verify_tls,
         )
         try:
             async with asyncio.timeout(CHECK_WS_TIMEOUT):
@@ -299,6 +321,23 @@ async def check(config: GatewayConfig, out: Callable[[str], None] = _print) -> i
         finally:
             await ws.disconnect()
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _environment_help(*, state: bool) -> str:
+    """The ``PRLL_*`` variables a command reads, for its ``--help``."""
+    lines = [
+        "environment variables:",
+        f"  {ENV_API_URL:<16} the platform's base URL, e.g. https://api.parall.example (required)",
+        f"  {ENV_API_KEY:<16} the agent's API key (required; never printed)",
+        f"  {ENV_ORG_ID:<16} the organisation id (required)",
+        f"  {ENV_WS_URL:<16} the WebSocket URL when a ticket names none (optional;",
+        f"  {'':<16} default: the base URL as ws(s)://.../ws)",
+        f"  {ENV_AGENT_ID:<16} the agent's user id (optional; must be the key's)",
+    ]
+    if state:
+        lines.append(f"  {ENV_STATE_PATH:<16} the state file (optional; --state overrides it)")
+    lines.append("`python -m parall_bridge emulator` prints a set for a local emulator.")
+    return "\n".join(lines)
 
 
 def _seconds(text: str) -> float:
@@ -331,7 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="parall-bridge", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="run the library against the built-in emulator")
-    run = commands.add_parser("run", help="run the gateway with a host's runtime")
+    run = commands.add_parser(
+        "run",
+        help="run the gateway with a host's runtime",
+        description="Run the gateway with a host's runtime until SIGINT or SIGTERM.",
+        epilog=_environment_help(state=True),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("runtime", help="MODULE:NAME of an AgentRuntime (class, instance, factory)")
     run.add_argument("--serial", action="store_true", help="never fork (SerialRoutingStrategy)")
     state = run.add_mutually_exclusive_group()
@@ -350,7 +395,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging level (INFO)",
     )
-    commands.add_parser("check", help="check the PRLL_* configuration against the platform")
+    commands.add_parser(
+        "check",
+        help="check the PRLL_* configuration against the platform",
+        description=(
+            "Check the configuration against the platform, one line per check: the key and\n"
+            "the agent, the platform config, the dispatch queue, a WebSocket hello. Nothing\n"
+            "is written and nothing is retried. Exit status: 0 when all pass, 1 when one\n"
+            "fails, 2 when a variable is missing or malformed."
+        ),
+        epilog=_environment_help(state=False),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     emulator = commands.add_parser("emulator", help="serve the Parall emulator locally")
     emulator.add_argument(
         "--port",

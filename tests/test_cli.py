@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import textwrap
+import time
 from functools import partial
 from pathlib import Path
 
@@ -89,6 +90,35 @@ async def test_check_fails_on_a_wrong_agent_id_and_a_refused_websocket(
     assert lines[0] == f"FAIL  agent: the key is {agent.user_id}'s, PRLL_AGENT_ID is usr_other"
     assert lines[-1].startswith("FAIL  WebSocket: ")
     assert not library_tasks()
+
+
+def test_check_against_a_closed_port_fails_at_once_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing is retried: a refused connection fails the first check in well under a
+    second (the client's default retries took 5.7 s), in one line, with exit status 1."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound and never listening: connections are refused
+        monkeypatch.setenv("PRLL_API_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        monkeypatch.setenv("PRLL_API_KEY", "pk_unused_0123456789")
+        monkeypatch.setenv("PRLL_ORG_ID", "org_x")
+        started = time.monotonic()
+        assert main(["check"]) == 1
+        elapsed = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert out.startswith("FAIL  agent: ParallConnectionError: "), out
+    assert out.count("\n") == 1, out
+    assert "pk_unused_0123456789" not in out + err
+    assert elapsed < 1.0
+
+
+def test_check_help_lists_the_variables_it_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["check", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("  PRLL_")}
+    assert listed == {"PRLL_API_URL", "PRLL_API_KEY", "PRLL_ORG_ID", "PRLL_WS_URL", "PRLL_AGENT_ID"}
 
 
 # --- run ---------------------------------------------------------------------------------------
