@@ -47,6 +47,8 @@ def build_agent(model: Model | str | None = None) -> Agent[None, str]:
 
 
 async def main(model: Model | str | None = None) -> None:
+    """Run the host until SIGINT or SIGTERM: ``model``, else PRLL_EXAMPLE_MODEL, else the
+    offline model."""
     abort = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
