@@ -326,6 +326,10 @@ class HistoryRuntime(AgentRuntime, Generic[M]):
         """The committed history of ``session_key`` (empty when it has none)."""
         return tuple(m for chunk in self._histories.get(session_key, ()) for m in chunk)
 
+    def session_keys(self) -> tuple[str, ...]:
+        """The session keys that have a history (main, and each open fork's)."""
+        return tuple(self._histories)
+
     def has_history(self, session_key: str) -> bool:
         """Whether ``session_key`` has a history (seeded or from a completed turn)."""
         return session_key in self._histories

@@ -137,7 +137,9 @@ async def test_a_fork_starts_from_the_parents_history_and_keeps_its_own() -> Non
     assert runtime.history(child.key) == ("user: one", "agent: ok")
     runtime._histories[child.key] += (("user: fork", "agent: ok"),)
     assert runtime.history(parent.key) == ("user: one", "agent: ok")
+    assert runtime.session_keys() == (parent.key, child.key)
     await runtime.release_session(child, ForkOutcome(handled=1, failed=0))
+    assert runtime.session_keys() == (parent.key,)
     assert not runtime.has_history(child.key)
     assert runtime.has_history(parent.key)
 
