@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: demo test lint typecheck pytest bench soak fuzz docs clean
+.PHONY: demo test lint typecheck pytest docs wheel-smoke bench soak fuzz clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "parall_bridge needs Python 3.11+ (set PYTHON=python3.X)")'
@@ -17,9 +17,14 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	@touch $@
 
+$(VENV)/.installed-docs: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	@touch $@ $(VENV)/.installed
+
+# The dev extra includes the docs extra.
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
-	@touch $@ $(VENV)/.installed
+	@touch $@ $(VENV)/.installed $(VENV)/.installed-docs
 
 demo: $(VENV)/.installed
 	$(PY) -m parall_bridge demo
@@ -29,12 +34,18 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.installed-dev
-	$(BIN)/mypy --strict parall_bridge tests benchmarks examples
+	$(BIN)/mypy --strict parall_bridge tests benchmarks examples tools
 
 pytest: $(VENV)/.installed-dev
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+# What CI runs: lint, types, the suite, the docs (strict), and the package as a user gets it.
+test: lint typecheck pytest docs wheel-smoke
+
+# The sdist and a wheel built from it, the wheel installed alone in a fresh venv, and its
+# command line run from outside the checkout (tools/wheel_smoke.py).
+wheel-smoke: $(VENV)/.installed-dev
+	$(PY) tools/wheel_smoke.py
 
 bench: $(VENV)/.installed-dev
 	$(PY) -m benchmarks
@@ -47,8 +58,7 @@ soak: $(VENV)/.installed-dev
 fuzz: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.fuzz
 
-docs: $(PY)
-	$(PY) -m pip install --quiet -e '.[docs]'
+docs: $(VENV)/.installed-docs
 	$(BIN)/mkdocs build --strict
 
 clean:
