@@ -23,6 +23,7 @@ This module imports no framework.
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import contextvars
 import logging
@@ -143,6 +144,10 @@ class ParallTools:
 
     def __init__(self, turn: Turn) -> None:
         self._turn = turn
+        # Frameworks run a response's tool calls concurrently (the OpenAI Agents SDK,
+        # LangGraph's ToolNode): the posts of one turn go one at a time, in call order
+        # (the lock is fair), so two replies of one response land in that order.
+        self._posting = asyncio.Lock()
 
     @property
     def turn(self) -> Turn:
@@ -184,7 +189,8 @@ class ParallTools:
         if not self._turn.chat_id:
             raise ParallToolError("this turn is about a task, not a chat: there is no chat")
         try:
-            message = await self._turn.send_message(text)
+            async with self._posting:
+                message = await self._turn.send_message(text)
         except ParallError as error:
             raise ParallToolError(f"the platform refused the message: {error}") from error
         except RuntimeError as error:  # the turn has ended
@@ -251,13 +257,14 @@ class ParallTools:
             raise ParallToolError("upload_file takes the content as text")
         turn = self._turn
         try:
-            attachment_id = await turn.client.upload_file(
-                turn.org_id,
-                content.encode(),
-                file_name=filename.strip(),
-                mime_type=content_type or "text/plain",
-            )
-            message = await turn.send_message(filename.strip(), attachment_ids=[attachment_id])
+            async with self._posting:  # the file's message lands in call order too
+                attachment_id = await turn.client.upload_file(
+                    turn.org_id,
+                    content.encode(),
+                    file_name=filename.strip(),
+                    mime_type=content_type or "text/plain",
+                )
+                message = await turn.send_message(filename.strip(), attachment_ids=[attachment_id])
         except ParallError as error:
             raise ParallToolError(f"the platform refused the file: {error}") from error
         except RuntimeError as error:

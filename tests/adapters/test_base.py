@@ -227,6 +227,33 @@ async def test_the_tools_act_through_the_turn(
 
 
 @pytest.mark.asyncio
+async def test_posts_called_together_land_in_call_order(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    """The OpenAI Agents SDK and LangGraph's ToolNode run a response's tool calls
+    concurrently: a slow first post must not be overtaken by the second."""
+
+    async def act(turn: Turn, tools: ParallTools) -> None:
+        server.delay_next(p.SEND_MESSAGE, 0.3)  # the first post is slow
+        await asyncio.gather(
+            tools.send_message("first"),
+            tools.upload_file("second.md", "# Second"),
+            tools.send_message("third"),
+        )
+
+    runtime = Script(act, seed_history=0)
+    async with running_gateway(server, agent, runtime) as gateway:
+        server.post_message(room.id, ada.id, "question")
+        await server.wait_for(lambda: gateway.stats().turns_succeeded == 1)
+    texts = {m.id: m.content.text for m in server.messages(room.id)}  # type: ignore[union-attr]
+    posted = [text for text in texts.values() if text != "question"]
+    assert posted == ["first", "second.md", "third"]
+    # each post's key is numbered in that order too (a rerun reuses the same keys)
+    by_key = {key.rsplit(":", 1)[1]: texts[m] for key, m in server.idempotency_keys().items()}
+    assert by_key == {"1": "first", "2": "second.md", "3": "third"}
+
+
+@pytest.mark.asyncio
 async def test_update_task_sets_the_turns_task(
     server: FakeParallServer, agent: AgentAccount, ada: User
 ) -> None:
