@@ -112,7 +112,7 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
             ``agents.set_tracing_disabled(True)`` or ``OPENAI_AGENTS_DISABLE_TRACING=1``.
         context: the run context of every run (the agent's ``TContext``).
         context_factory: instead of ``context``, a function building the context of each
-            turn from the :class:`~parall_bridge.Turn`.
+            turn from the :class:`~parall_bridge.Turn` (it may return an awaitable).
         max_turns: the SDK's limit of model calls per run (``None``: no limit); a run that
             exceeds it fails the turn.
         on_event: called with each event of the run's stream after it was recorded, to
@@ -187,6 +187,8 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
         errors: dict[str, str] = {}
         agent = _Equipped(_parall_tools(tools, errors)).agent(self._agent)
         context = self._context_factory(turn) if self._context_factory else self._context
+        if inspect.isawaitable(context):  # an async factory (as Pydantic AI's deps_factory)
+            context = await context
         result = Runner.run_streamed(
             agent,
             input=list(given),

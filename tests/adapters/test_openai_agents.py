@@ -321,6 +321,34 @@ async def test_the_four_tools_act_on_the_platform(
 
 
 @pytest.mark.asyncio
+async def test_an_async_context_factory_is_awaited(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    """As Pydantic AI's ``deps_factory``: a factory may return an awaitable of the context."""
+    seen: list[object] = []
+
+    async def context_of(turn: Turn) -> dict[str, str]:
+        await asyncio.sleep(0)
+        return {"chat": str(turn.chat_id)}
+
+    @function_tool
+    async def whoami(ctx: agents.RunContextWrapper[Any]) -> str:
+        """Where the conversation is."""
+        seen.append(ctx.context)
+        return "noted"
+
+    brain = Replier(("whoami", {}), when=lambda prompt: True)
+    user_agent: Agent[Any] = Agent(name="Assistant", model=offline_model(brain), tools=[whoami])
+    runtime = OpenAIAgentsRuntime(
+        user_agent, run_config=quiet_config(), seed_history=0, context_factory=context_of
+    )
+    async with running_gateway(server, agent, runtime) as gateway:
+        server.post_message(room.id, ada.id, "where am I?")
+        await server.wait_for(lambda: succeeded(gateway, 1))
+    assert seen == [{"chat": room.id}]
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("form", ["agent", "handoff"])
 async def test_an_agent_handed_off_to_gets_the_tools_and_replies(
     server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat, form: str
