@@ -134,7 +134,8 @@ class ParallTools:
     """The Parall tools of one turn, framework-free.
 
     Adapters wrap these four methods in their framework's tool format, with the same
-    names and arguments everywhere. Within a turn run by :class:`HistoryRuntime`,
+    names and arguments everywhere (the OpenAI Agents adapter gives the model the methods'
+    docstrings as the tools' descriptions: plain text, no markup). Within a turn run by :class:`HistoryRuntime`,
     :meth:`current` returns the turn's tools (for tools built once, outside any turn,
     like LangGraph's).
 
@@ -179,7 +180,8 @@ class ParallTools:
             _current.reset(token)
 
     async def send_message(self, text: str) -> str:
-        """Send a message to the chat of the current turn and return its message id.
+        """Send a message to the chat of the current turn (your reply: nothing else you
+        write is posted) and return its message id.
 
         Args:
             text: the message, in Markdown.
@@ -219,7 +221,7 @@ class ParallTools:
 
     async def get_chat_history(self, limit: int = 20) -> str:
         """The current turn's chat's recent messages, oldest first, one per line
-        (``[message id] Sender: text``).
+        ([message id] Sender: text).
 
         Args:
             limit: how many of the most recent messages (1 to 100).

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import agents
 import pytest
@@ -34,8 +34,8 @@ from agents.testing import ModelCall, assistant_message, function_call
 
 from parall_bridge import Gateway, StepType, TaskStatus, Turn
 from parall_bridge import protocol as p
-from parall_bridge.adapters.base import TOOL_NAMES
-from parall_bridge.adapters.openai_agents import OpenAIAgentsRuntime
+from parall_bridge.adapters.base import TOOL_NAMES, ParallTools
+from parall_bridge.adapters.openai_agents import OpenAIAgentsRuntime, _parall_tools
 from parall_bridge.models import Chat, User
 from parall_bridge.testing import AgentAccount, FakeParallServer, running_gateway
 
@@ -574,6 +574,16 @@ async def test_a_restart_seeds_the_history_from_the_chat(
     ]
     assert len(seen) == 3
     assert text_of(seen[2]).endswith("what is my name?")
+
+
+def test_the_tools_tell_the_model_how_to_reply() -> None:
+    """The descriptions the model reads: send_message is the reply (as in the other two
+    adapters), and no reStructuredText markup from the docstrings reaches the model."""
+    tools = _parall_tools(ParallTools(cast(Turn, None)), {})
+    descriptions = {tool.name: tool.description for tool in tools}
+    assert tuple(descriptions) == TOOL_NAMES
+    assert "reply" in descriptions["send_message"]
+    assert not any("``" in text for text in descriptions.values())
 
 
 def test_the_runtime_refuses_what_it_cannot_run() -> None:
