@@ -280,8 +280,17 @@ class ParallTools:
         if not chat_id or limit < 1:
             return []
         turn = self._turn
-        page = await turn.client.get_chat_messages(turn.org_id, chat_id, limit=limit)
-        return [ChatEntry.from_message(m, turn.agent_id) for m in reversed(page.data)]
+        newest_first: list[Message] = []
+        before: str | None = None
+        while len(newest_first) < limit:  # the platform caps a page (the emulator at 100)
+            page = await turn.client.get_chat_messages(
+                turn.org_id, chat_id, limit=limit - len(newest_first), before=before
+            )
+            newest_first.extend(page.data)
+            if not page.data or not page.has_more or not page.next_cursor:
+                break
+            before = page.next_cursor
+        return [ChatEntry.from_message(m, turn.agent_id) for m in reversed(newest_first[:limit])]
 
 
 class HistoryRuntime(AgentRuntime, Generic[M]):

@@ -169,6 +169,21 @@ async def test_a_fresh_session_is_seeded_from_the_chat_before_its_events(
 
 
 @pytest.mark.asyncio
+async def test_a_seed_larger_than_a_page_reads_several_pages(
+    server: FakeParallServer, agent: AgentAccount, ada: User
+) -> None:
+    team = server.add_chat(type="group", name="Team", members=[ada.id, agent.user_id])
+    for n in range(160):  # not mentioned in a passive group: nothing dispatched
+        server.post_message(team.id, ada.id, f"old {n}")
+    runtime = Script(seed_history=150)  # the emulator's pages hold at most 100
+    async with running_gateway(server, agent, runtime) as gateway:
+        server.post_message(team.id, ada.id, "new", mentions=[agent.user_id])
+        await server.wait_for(lambda: gateway.stats().turns_succeeded == 1)
+    seeded = runtime.seen[0][1]
+    assert seeded == tuple(f"user: Ada: old {n}" for n in range(10, 160))
+
+
+@pytest.mark.asyncio
 async def test_history_turns_drops_whole_old_turns(
     server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
 ) -> None:
