@@ -135,9 +135,9 @@ class ParallTools:
 
     Adapters wrap these four methods in their framework's tool format, with the same
     names and arguments everywhere (the OpenAI Agents adapter gives the model the methods'
-    docstrings as the tools' descriptions: plain text, no markup). Within a turn run by :class:`HistoryRuntime`,
-    :meth:`current` returns the turn's tools (for tools built once, outside any turn,
-    like LangGraph's).
+    docstrings as the tools' descriptions: plain text, no markup). Within a turn run by
+    :class:`HistoryRuntime`, :meth:`current` returns the turn's tools (for tools built
+    once, outside any turn, like LangGraph's).
 
     Args:
         turn: the turn the tools act for.
