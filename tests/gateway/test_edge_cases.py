@@ -18,6 +18,7 @@ from parall_bridge import protocol as p
 from parall_bridge.gateway.sources import Gate as ItemGate
 from parall_bridge.gateway.sources import ItemOutcome, Sources
 from parall_bridge.models import Chat, User
+from parall_bridge.routing import SerialRoutingStrategy
 from parall_bridge.runtime import ForkOutcome, SessionRef, Turn
 from parall_bridge.testing import AgentAccount, FakeParallServer
 from parall_bridge.ws import ConnectionState
@@ -521,8 +522,16 @@ async def test_catch_up_handles_the_pages_it_got_before_a_listing_error() -> Non
         server.delay_next(p.LIST_DISPATCH, 0.0)  # the first page answers...
         server.fail_next(p.LIST_DISPATCH, status=400, times=1)  # ...the second does not
         runtime = ScriptedRuntime()
+        # Serial: the two items run as two turns on main. With forks, the second item
+        # could run on one, and the fork's wake-up turn made a third (a flaky count).
         async with running(
-            server, bot, runtime, ready=False, reconcile_interval=600.0, outage_poll_interval=600.0
+            server,
+            bot,
+            runtime,
+            routing=SerialRoutingStrategy(),
+            ready=False,
+            reconcile_interval=600.0,
+            outage_poll_interval=600.0,
         ) as run:
             await run.wait_for(lambda: len(runtime.finished) == 2)
             assert sorted(text for turn in runtime.texts() for text in turn) == ["m0", "m1"]
