@@ -40,6 +40,7 @@ from ..runtime import AgentRuntime, ForkOutcome, SessionRef, Turn
 
 __all__ = [
     "DEFAULT_SEED_HISTORY",
+    "REPLY_INSTRUCTIONS",
     "TOOL_NAMES",
     "ChatEntry",
     "HistoryRuntime",
@@ -57,6 +58,18 @@ DEFAULT_SEED_HISTORY: Final = 20
 
 TOOL_NAMES: Final = ("send_message", "update_task", "get_chat_history", "upload_file")
 """The Parall tools' names, the same in every framework."""
+
+REPLY_INSTRUCTIONS: Final = (
+    "You are an agent on Parall, a chat and task platform. Nobody sees your final answer: "
+    "to reply in the conversation, call send_message (once per message you want to post). "
+    "On a task, set its status with update_task. get_chat_history shows the chat's recent "
+    "messages; upload_file posts a text file to the chat."
+)
+"""What every adapter tells the model by default: it replies only through ``send_message``
+(its final text is not posted). Pydantic AI adds it as the Parall toolset's instructions,
+OpenAI Agents appends it to the agent's instructions, ``LangGraphRuntime.from_model`` makes
+it the system message; each adapter's ``instructions``/``system_prompt`` option replaces or
+drops it."""
 
 _MAX_HISTORY_LIMIT: Final = 100
 

@@ -64,6 +64,7 @@ except ImportError as error:  # pragma: no cover (the extra is installed in the 
 from ..runtime import Turn
 from .base import (
     DEFAULT_SEED_HISTORY,
+    REPLY_INSTRUCTIONS,
     TOOL_NAMES,
     ChatEntry,
     HistoryRuntime,
@@ -76,13 +77,10 @@ __all__ = ["DEFAULT_INSTRUCTIONS", "DEFAULT_TOOL_RETRIES", "PydanticAIRuntime"]
 
 _log = logging.getLogger("parall_bridge.adapters.pydantic_ai")
 
-DEFAULT_INSTRUCTIONS: Final = (
-    "You are an agent on Parall, a chat and task platform. Nobody sees your final answer: "
-    "to reply in the conversation, call send_message (once per message you want to post). "
-    "On a task, set its status with update_task. get_chat_history shows the chat's recent "
-    "messages; upload_file posts a text file to the chat."
-)
-"""The instructions the Parall toolset adds to each run (``instructions=None`` adds none)."""
+DEFAULT_INSTRUCTIONS: Final = REPLY_INSTRUCTIONS
+"""The instructions the Parall toolset adds to each run (``instructions=None`` adds none):
+:data:`~parall_bridge.adapters.base.REPLY_INSTRUCTIONS`, the same text every adapter gives
+(this name is an alias of it)."""
 
 DEFAULT_TOOL_RETRIES: Final = 5
 """How many Parall tool calls in a row may have arguments that do not validate before the
@@ -112,7 +110,8 @@ class PydanticAIRuntime(HistoryRuntime[ModelMessage]):
         usage_limits: the usage limits of every run (Pydantic AI's default otherwise: 50
             requests). A run over them fails its turn (retried later).
         instructions: the instructions the Parall toolset adds to each run (by default
-            :data:`DEFAULT_INSTRUCTIONS`); ``None`` adds none (the agent's own say it all).
+            :data:`~parall_bridge.adapters.base.REPLY_INSTRUCTIONS`, which tells the model
+            it replies with ``send_message``); ``None`` adds none (the agent's own say it).
         tool_retries: how many calls of a Parall tool in a row may have invalid arguments
             before the run fails (:data:`DEFAULT_TOOL_RETRIES`).
         seed_history: how many of the chat's recent messages seed a session that has no
@@ -133,7 +132,7 @@ class PydanticAIRuntime(HistoryRuntime[ModelMessage]):
         deps_factory: DepsFactory | None = None,
         model_settings: ModelSettings | None = None,
         usage_limits: UsageLimits | None = None,
-        instructions: str | None = DEFAULT_INSTRUCTIONS,
+        instructions: str | None = REPLY_INSTRUCTIONS,
         tool_retries: int = DEFAULT_TOOL_RETRIES,
         seed_history: int = DEFAULT_SEED_HISTORY,
         history_turns: int | None = 100,

@@ -50,7 +50,7 @@ from pydantic_ai.toolsets import FunctionToolset
 
 from parall_bridge import SessionRef, StepType, TaskStatus, Turn
 from parall_bridge import protocol as p
-from parall_bridge.adapters.base import TOOL_NAMES, ParallTools, TurnOutput
+from parall_bridge.adapters.base import REPLY_INSTRUCTIONS, TOOL_NAMES, ParallTools, TurnOutput
 from parall_bridge.adapters.pydantic_ai import DEFAULT_INSTRUCTIONS, PydanticAIRuntime
 from parall_bridge.models import AgentStep, Chat, User
 from parall_bridge.testing import AgentAccount, FakeParallServer, running_gateway
@@ -310,7 +310,8 @@ async def test_a_message_is_answered_once_and_its_stream_recorded_in_order(
     ]
     assert second_steps[1].content["args"] == {"query": "Ada"}
     assert second_steps[2].content["output"] == {"hits": 3}
-    assert script.requests("hello")[0].info.instructions == DEFAULT_INSTRUCTIONS
+    assert script.requests("hello")[0].info.instructions == REPLY_INSTRUCTIONS
+    assert DEFAULT_INSTRUCTIONS is REPLY_INSTRUCTIONS  # the old name still works
     # the second turn ran on the first one's history, as Pydantic AI messages
     (second,) = script.requests("again")
     assert prompts(second.messages)[0].endswith("hello")
