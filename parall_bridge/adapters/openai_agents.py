@@ -7,8 +7,10 @@ for each turn.
     await Gateway(GatewayConfig.from_env(), runtime).start(abort)
 
 Each turn runs ``Runner.run_streamed`` on a clone of the agent that also has the four
-Parall tools (``send_message``, ``update_task``, ``get_chat_history``, ``upload_file``),
-with the session's history and ``turn.prompt()`` as a user message. The run's stream is
+Parall tools (``send_message``, ``update_task``, ``get_chat_history``, ``upload_file``)
+and, after the agent's own instructions, :data:`~parall_bridge.adapters.base.REPLY_INSTRUCTIONS`
+(the model replies with ``send_message``), with the session's history and ``turn.prompt()``
+as a user message. The run's stream is
 recorded on the turn: each model response starts a new step group, reasoning deltas become
 thinking steps, tool calls and their results (with the model's call ids) tool steps, and
 message output text steps. The agent replies through ``send_message``; its final output is
@@ -74,6 +76,7 @@ from ..errors import ParallError
 from ..runtime import Turn
 from .base import (
     DEFAULT_SEED_HISTORY,
+    REPLY_INSTRUCTIONS,
     TOOL_NAMES,
     ChatEntry,
     HistoryRuntime,
@@ -98,9 +101,9 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
     """An :class:`~parall_bridge.AgentRuntime` that runs an OpenAI Agents SDK agent.
 
     The agent is never modified: each run uses ``agent.clone(tools=[*agent.tools,
-    *parall_tools])``, and so for the agents it hands off to (a handoff's target gets the
-    Parall tools too, so it can reply). Their own tools, guardrails, model and settings
-    apply as they are.
+    *parall_tools], instructions=...)``, and so for the agents it hands off to (a handoff's
+    target gets the Parall tools and the reply instructions too, so it can reply). Their
+    own tools, guardrails, model and settings apply as they are.
 
     Args:
         agent: the ``agents.Agent`` to run; neither it nor an agent it hands off to may
@@ -117,6 +120,10 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
             exceeds it fails the turn.
         on_event: called with each event of the run's stream after it was recorded, to
             observe the stream (awaited if it returns an awaitable; raising fails the turn).
+        instructions: appended to each agent's own instructions in the run's clones (a
+            string, a callable, or none), after a blank line: by default
+            :data:`~parall_bridge.adapters.base.REPLY_INSTRUCTIONS`, which tells the model
+            it replies with ``send_message``; ``None`` adds nothing (the agent's own say it).
         seed_history: how many of the chat's recent messages seed a session that has no
             history (a fresh process); 0 starts it empty.
         history_turns: how many turns a session's history keeps (``None``: all).
@@ -131,6 +138,7 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
         context_factory: Callable[[Turn], Any] | None = None,
         max_turns: int | None = DEFAULT_MAX_TURNS,
         on_event: EventHook | None = None,
+        instructions: str | None = REPLY_INSTRUCTIONS,
         seed_history: int = DEFAULT_SEED_HISTORY,
         history_turns: int | None = 100,
     ) -> None:
@@ -149,6 +157,7 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
         self._context_factory = context_factory
         self._max_turns = max_turns
         self._on_event = on_event
+        self._instructions = instructions
 
     @property
     def agent(self) -> Agent[Any]:
@@ -185,7 +194,7 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
         prompt: TResponseInputItem = {"role": "user", "content": turn.prompt()}
         given = [*history, prompt]
         errors: dict[str, str] = {}
-        agent = _Equipped(_parall_tools(tools, errors)).agent(self._agent)
+        agent = _Equipped(_parall_tools(tools, errors), self._instructions).agent(self._agent)
         context = self._context_factory(turn) if self._context_factory else self._context
         if inspect.isawaitable(context):  # an async factory (as Pydantic AI's deps_factory)
             context = await context
@@ -242,12 +251,14 @@ def _check_tool_names(agent: Agent[Any], seen: set[int] | None = None) -> None:
 
 
 class _Equipped:
-    """Clones of the agents of one run with the Parall tools added: the starting agent and
-    the agents it hands off to (a plain ``Agent`` in ``handoffs``, or the agent a
-    ``Handoff`` returns), each cloned once. The originals are not modified."""
+    """Clones of the agents of one run with the Parall tools added (and ``instructions``
+    appended to their own, unless ``None``): the starting agent and the agents it hands
+    off to (a plain ``Agent`` in ``handoffs``, or the agent a ``Handoff`` returns), each
+    cloned once. The originals are not modified."""
 
-    def __init__(self, tools: list[FunctionTool]) -> None:
+    def __init__(self, tools: list[FunctionTool], instructions: str | None = None) -> None:
         self._tools = tools
+        self._instructions = instructions
         self._clones: dict[int, Agent[Any]] = {}
 
     def agent(self, agent: Agent[Any]) -> Agent[Any]:
@@ -255,7 +266,13 @@ class _Equipped:
         if clone is not None:
             return clone
         _check_own_tools(agent)  # the agents it hands off to are checked as they are cloned
-        clone = agent.clone(tools=[*agent.tools, *self._tools])
+        if self._instructions is None:
+            clone = agent.clone(tools=[*agent.tools, *self._tools])
+        else:
+            clone = agent.clone(
+                tools=[*agent.tools, *self._tools],
+                instructions=_appended(agent.instructions, self._instructions),
+            )
         self._clones[id(agent)] = clone
         clone.handoffs = [self._handoff(target) for target in agent.handoffs]  # a new list
         return clone
@@ -270,6 +287,30 @@ class _Equipped:
             return self.agent(chosen) if isinstance(chosen, Agent) else chosen
 
         return dataclasses.replace(target, on_invoke_handoff=equipped)
+
+
+Instructions: TypeAlias = (
+    str | Callable[[RunContextWrapper[Any], Agent[Any]], Awaitable[str] | str] | None
+)
+
+
+def _appended(own: Instructions, extra: str) -> Instructions:
+    """An agent's instructions with ``extra`` after them (a blank line between): a string
+    for a string or none, a function calling the agent's own (sync or async) for a
+    function."""
+    if own is None:
+        return extra
+    if isinstance(own, str):
+        return f"{own}\n\n{extra}" if own.strip() else extra
+    function = own
+
+    async def instructions(context: RunContextWrapper[Any], agent: Agent[Any]) -> str:
+        given = function(context, agent)
+        if inspect.isawaitable(given):
+            given = await given
+        return f"{given}\n\n{extra}" if given and str(given).strip() else extra
+
+    return instructions
 
 
 def _parall_tools(tools: ParallTools, errors: dict[str, str]) -> list[FunctionTool]:

@@ -24,6 +24,7 @@ from agents import (
     Handoff,
     ModelSettings,
     RunConfig,
+    RunContextWrapper,
     RunItemStreamEvent,
     StreamEvent,
     function_tool,
@@ -34,7 +35,7 @@ from agents.testing import ModelCall, assistant_message, function_call
 
 from parall_bridge import Gateway, StepType, TaskStatus, Turn
 from parall_bridge import protocol as p
-from parall_bridge.adapters.base import TOOL_NAMES, ParallTools
+from parall_bridge.adapters.base import REPLY_INSTRUCTIONS, TOOL_NAMES, ParallTools
 from parall_bridge.adapters.openai_agents import OpenAIAgentsRuntime, _parall_tools
 from parall_bridge.models import Chat, User
 from parall_bridge.testing import AgentAccount, FakeParallServer, running_gateway
@@ -356,7 +357,10 @@ async def test_an_agent_handed_off_to_gets_the_tools_and_replies(
     def triage(call: ModelCall) -> Output:
         return [function_call("transfer_to_specialist", {}, call_id="call_handoff")]
 
+    told: list[str | None] = []
+
     def specialist(call: ModelCall) -> Output:
+        told.append(call.system_instructions)
         if "call_reply" in tool_outputs(call):
             return [assistant_message("Handled.", item_id="msg_done")]
         return [function_call("send_message", {"text": "Specialist here."}, call_id="call_reply")]
@@ -382,9 +386,11 @@ async def test_an_agent_handed_off_to_gets_the_tools_and_replies(
         ("tool_result", {"call_id": "call_reply", "output": reply.id}),
         ("text", {"text": "Handled.", "suppressed": True}),
     ]
+    assert told == [REPLY_INSTRUCTIONS] * 2  # the clone handed off to is told how to reply
     assert front.handoffs == [target]  # neither agent was modified
     assert expert.handoffs == [front]
     assert expert.tools == []
+    assert expert.instructions is None
 
 
 @pytest.mark.asyncio
@@ -574,6 +580,58 @@ async def test_a_restart_seeds_the_history_from_the_chat(
     ]
     assert len(seen) == 3
     assert text_of(seen[2]).endswith("what is my name?")
+
+
+def own_name(context: RunContextWrapper[Any], agent: Agent[Any]) -> str:
+    """Instructions as a function (of the agent the run gives it: the clone)."""
+    return f"You are {agent.name}."
+
+
+async def own_name_later(context: RunContextWrapper[Any], agent: Agent[Any]) -> str:
+    """Instructions as an async function."""
+    return f"You are {agent.name}."
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("own", ["string", "function", "async function", "none"])
+async def test_the_model_is_told_to_reply_with_send_message(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat, own: str
+) -> None:
+    given: Any = {
+        "string": "You are Assistant.",
+        "function": own_name,
+        "async function": own_name_later,
+        "none": None,
+    }[own]
+    brain = Replier()
+    user_agent: Agent[Any] = Agent(name="Assistant", instructions=given, model=offline_model(brain))
+    runtime = OpenAIAgentsRuntime(user_agent, run_config=quiet_config(), seed_history=0)
+    async with running_gateway(server, agent, runtime) as gateway:
+        server.post_message(room.id, ada.id, "hello")
+        await server.wait_for(lambda: succeeded(gateway, 1))
+    expected = f"You are Assistant.\n\n{REPLY_INSTRUCTIONS}" if given else REPLY_INSTRUCTIONS
+    assert [call.system_instructions for call in brain.calls] == [expected] * 2
+    assert user_agent.instructions is given  # the user's agent is not modified
+    assert replies(server, room, agent) == ["You said: hello"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("instructions", [None, "Reply with send_message, in French."])
+async def test_the_reply_instructions_can_be_replaced_or_left_out(
+    server: FakeParallServer,
+    agent: AgentAccount,
+    ada: User,
+    room: Chat,
+    instructions: str | None,
+) -> None:
+    brain = Replier()
+    _, runtime = build(brain, instructions=instructions, seed_history=0)
+    async with running_gateway(server, agent, runtime) as gateway:
+        server.post_message(room.id, ada.id, "hello")
+        await server.wait_for(lambda: succeeded(gateway, 1))
+    own = "Answer through send_message."
+    expected = f"{own}\n\n{instructions}" if instructions else own
+    assert [call.system_instructions for call in brain.calls] == [expected] * 2
 
 
 def test_the_tools_tell_the_model_how_to_reply() -> None:
