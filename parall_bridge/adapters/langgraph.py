@@ -51,6 +51,7 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
 from ..runtime import Turn
 from .base import (
     DEFAULT_SEED_HISTORY,
+    REPLY_INSTRUCTIONS,
     TOOL_NAMES,
     ChatEntry,
     HistoryRuntime,
@@ -174,7 +175,8 @@ def _agent_graph(
     if len(node.tools_by_name) != len(every):
         raise ValueError(f"tool names must be unique (Parall's are {', '.join(TOOL_NAMES)})")
     bound = model.bind_tools(list(node.tools_by_name.values()))
-    prefix = [SystemMessage(system_prompt, id="parall-system-prompt")] if system_prompt else []
+    prompt = REPLY_INSTRUCTIONS if system_prompt is None else system_prompt
+    prefix = [SystemMessage(prompt, id="parall-system-prompt")] if prompt else []
 
     async def call_model(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
         response = await bound.ainvoke([*prefix, *state["messages"]], config)
@@ -333,6 +335,10 @@ class LangGraphRuntime(HistoryRuntime[BaseMessage]):
     and it is compiled without a checkpointer: the runtime keeps each session's messages
     and passes them in, so a failed or cancelled turn leaves the history as it was.
 
+    The runtime adds no instructions to a graph of yours: its prompt must tell the model to
+    reply with ``send_message`` (the final text is not posted), e.g. with
+    :data:`~parall_bridge.adapters.base.REPLY_INSTRUCTIONS`. :meth:`from_model` does it.
+
     Args:
         graph: the compiled graph (``builder.compile()``, ``create_react_agent(...)``,
             ``create_agent(...)``); it is never modified.
@@ -387,7 +393,12 @@ class LangGraphRuntime(HistoryRuntime[BaseMessage]):
         Args:
             model: a chat model that supports ``bind_tools``.
             tools: your own tools (LangChain tools or functions).
-            system_prompt: a system message put before the history on every call.
+            system_prompt: the system message put before the history on every call. By
+                default (``None``),
+                :data:`~parall_bridge.adapters.base.REPLY_INSTRUCTIONS`, which tells the
+                model it replies with ``send_message`` (as the other adapters do); a prompt
+                of yours replaces it, as it is (say in it to reply with ``send_message``:
+                the model's final text is not posted); ``""`` puts no system message.
             config: see :class:`LangGraphRuntime`.
             seed_history: see :class:`LangGraphRuntime`.
             history_turns: see :class:`LangGraphRuntime`.

@@ -19,6 +19,7 @@ from langchain_core.messages import (
     AIMessage,
     BaseMessage,
     HumanMessage,
+    SystemMessage,
     ToolMessage,
 )
 from langchain_core.tools import tool
@@ -28,7 +29,7 @@ from langgraph.prebuilt import ToolNode, tools_condition
 from typing_extensions import TypedDict
 
 from parall_bridge import Gateway, StepType, TaskStatus, Turn
-from parall_bridge.adapters.base import TOOL_NAMES, ParallTools, TurnOutput
+from parall_bridge.adapters.base import REPLY_INSTRUCTIONS, TOOL_NAMES, ParallTools, TurnOutput
 from parall_bridge.adapters.langgraph import LangGraphRuntime, parall_tools
 from parall_bridge.models import AgentStep, Chat, User
 from parall_bridge.testing import AgentAccount, FakeParallServer, running_gateway
@@ -116,6 +117,38 @@ async def test_a_message_is_answered_once_with_reasoning_and_tool_steps(
     assert history == (*second[1:], history[-1])
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("system_prompt", "expected"),
+    [
+        (None, [REPLY_INSTRUCTIONS]),  # by default, the model is told to reply with send_message
+        ("You are Bot. Reply with send_message.", ["You are Bot. Reply with send_message."]),
+        ("", []),  # no system message at all
+    ],
+)
+async def test_from_model_tells_the_model_how_to_reply(
+    server: FakeParallServer,
+    agent: AgentAccount,
+    ada: User,
+    room: Chat,
+    system_prompt: str | None,
+    expected: list[str],
+) -> None:
+    model = ScriptedChatModel(
+        script=[say(calls=[("call_hi", "send_message", {"text": "Hi."})]), say("Done.")]
+    )
+    runtime = LangGraphRuntime.from_model(model, system_prompt=system_prompt, seed_history=0)
+    async with running_gateway(server, agent, runtime) as gateway:
+        server.post_message(room.id, ada.id, "hello")
+        await server.wait_for(lambda: succeeded(gateway, 1))
+    for seen in model.calls:
+        system = [m.content for m in seen if isinstance(m, SystemMessage)]
+        assert system == expected
+        assert isinstance(seen[len(expected)], HumanMessage)  # the system message first
+    assert not any(isinstance(m, SystemMessage) for m in runtime.history(MAIN))
+    assert replies(server, room, agent) == ["Hi."]
+
+
 class Keys(LangGraphRuntime):
     """Records the session key of each turn it runs (to find a fork's)."""
 
@@ -182,7 +215,8 @@ async def test_a_fork_starts_from_mains_last_completed_turn_and_keeps_its_own(
     assert fork.startswith(MAIN + ":fork:")
     # the fork's model saw main's history at a1 (not a2, still running), then b1
     b1_call = next(call for call in model.calls if prompt_text(call[-1]) == "b1")
-    assert tuple(b1_call[:-1]) == after_a1
+    assert b1_call[0].content == REPLY_INSTRUCTIONS  # the system message, not kept
+    assert tuple(b1_call[1:-1]) == after_a1
     assert not runtime.has_history(fork)  # released: dropped
     main = runtime.history(MAIN)
     prompts = [prompt_text(m) for m in main if isinstance(m, HumanMessage)]
@@ -263,7 +297,8 @@ async def test_a_restarted_runtime_seeds_the_history_from_the_chat(
     async with running_gateway(server, agent, LangGraphRuntime.from_model(first)) as gateway:
         server.post_message(room.id, ada.id, "My name is Ada Lovelace.")
         await server.wait_for(lambda: succeeded(gateway, 1))
-    assert len(first.calls[0]) == 1  # nothing earlier in the chat: only the prompt
+    # nothing earlier in the chat: only the system message and the prompt
+    assert [type(m) for m in first.calls[0]] == [SystemMessage, HumanMessage]
     second = ScriptedChatModel(
         script=[
             say(calls=[("call_2", "send_message", {"text": "You are Ada Lovelace."})]),
@@ -274,7 +309,8 @@ async def test_a_restarted_runtime_seeds_the_history_from_the_chat(
     async with running_gateway(server, agent, runtime) as gateway:
         server.post_message(room.id, ada.id, "What is my name?")
         await server.wait_for(lambda: succeeded(gateway, 1))
-    seen = second.calls[0]
+    system, *seen = second.calls[0]
+    assert system.content == REPLY_INSTRUCTIONS
     assert [(type(m), m.content) for m in seen[:2]] == [
         (HumanMessage, "Ada: My name is Ada Lovelace."),
         (AIMessage, "Nice to meet you, Ada."),
