@@ -127,6 +127,12 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
         seed_history: how many of the chat's recent messages seed a session that has no
             history (a fresh process); 0 starts it empty.
         history_turns: how many turns a session's history keeps (``None``: all).
+
+    Raises:
+        TypeError: ``agent`` is not an ``agents.Agent``, or both ``context`` and
+            ``context_factory`` were given.
+        ValueError: an option is out of range, or the agent (or one it hands off to) has
+            a tool named like a Parall tool.
     """
 
     def __init__(
@@ -146,7 +152,7 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
         if not isinstance(agent, Agent):
             raise TypeError(f"OpenAIAgentsRuntime takes an agents.Agent, not {type(agent)!r}")
         if context is not None and context_factory is not None:
-            raise ValueError("give context or context_factory, not both")
+            raise TypeError("give context or context_factory, not both")
         if max_turns is not None and max_turns < 1:
             raise ValueError("max_turns must be at least 1 (or None)")
         _check_tool_names(agent)

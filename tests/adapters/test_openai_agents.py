@@ -656,7 +656,7 @@ def test_the_runtime_refuses_what_it_cannot_run() -> None:
         OpenAIAgentsRuntime(Agent(name="a", handoffs=[Agent(name="Expert", tools=[send_message])]))
     with pytest.raises(TypeError, match=r"agents\.Agent"):
         OpenAIAgentsRuntime("not an agent")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="context_factory"):
+    with pytest.raises(TypeError, match="context_factory"):  # as Pydantic AI's deps
         OpenAIAgentsRuntime(Agent(name="a"), context={}, context_factory=lambda turn: {})
     with pytest.raises(ValueError, match="seed_history"):
         OpenAIAgentsRuntime(Agent(name="a"), seed_history=-1)
