@@ -47,6 +47,7 @@ __all__ = [
     "ParallToolError",
     "ParallTools",
     "TurnOutput",
+    "tool_failure_text",
 ]
 
 _log = logging.getLogger("parall_bridge.adapters")
@@ -79,6 +80,17 @@ _current: contextvars.ContextVar[ParallTools] = contextvars.ContextVar("parall_b
 class ParallToolError(Exception):
     """A Parall tool could not do what the model asked; the message says why, for the
     model (the adapter returns it as the tool's error, the turn goes on)."""
+
+
+def tool_failure_text(name: str, error: BaseException) -> str:
+    """What the model reads when the Parall tool ``name`` failed unexpectedly (with an
+    exception other than :class:`ParallToolError`, whose message is given as it is):
+    ``<name> failed: <Type>: <message>`` (``<name> failed: <Type>`` without a message), the
+    same in every adapter."""
+    message = str(error)
+    if not message:
+        return f"{name} failed: {type(error).__name__}"
+    return f"{name} failed: {type(error).__name__}: {message}"
 
 
 @attrs.frozen

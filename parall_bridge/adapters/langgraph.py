@@ -58,6 +58,7 @@ from .base import (
     ParallToolError,
     ParallTools,
     TurnOutput,
+    tool_failure_text,
 )
 
 __all__ = ["LangGraphRuntime", "parall_tools"]
@@ -80,7 +81,7 @@ async def _act(name: str, action: Callable[[ParallTools], Awaitable[str]]) -> st
         raise ToolException(str(error)) from error
     except Exception as error:  # any tool failure goes back to the model, not up the turn
         _log.warning("the Parall tool %s failed", name, exc_info=True)
-        raise ToolException(f"{name} failed: {type(error).__name__}: {error}") from error
+        raise ToolException(tool_failure_text(name, error)) from error
 
 
 async def _send_message(text: str) -> str:

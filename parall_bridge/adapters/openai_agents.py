@@ -72,7 +72,6 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "pip install 'parall-bridge[openai-agents]'"
     ) from error
 
-from ..errors import ParallError
 from ..runtime import Turn
 from .base import (
     DEFAULT_SEED_HISTORY,
@@ -83,6 +82,7 @@ from .base import (
     ParallToolError,
     ParallTools,
     TurnOutput,
+    tool_failure_text,
 )
 
 __all__ = ["EventHook", "OpenAIAgentsRuntime"]
@@ -323,14 +323,17 @@ def _parall_tools(tools: ParallTools, errors: dict[str, str]) -> list[FunctionTo
     """The four Parall tools of one run as SDK function tools. A tool that raises returns
     its error to the model (the turn goes on), noted in ``errors`` by call id."""
 
-    def failed(context: RunContextWrapper[Any], error: Exception) -> str:
-        message = _error_text(error)
-        if isinstance(context, ToolContext):
-            errors[context.tool_call_id] = message
-        return message
+    def failure(name: str) -> Callable[[RunContextWrapper[Any], Exception], str]:
+        def failed(context: RunContextWrapper[Any], error: Exception) -> str:
+            message = _error_text(name, error)
+            if isinstance(context, ToolContext):
+                errors[context.tool_call_id] = message
+            return message
+
+        return failed
 
     return [
-        function_tool(method, failure_error_function=failed)
+        function_tool(method, failure_error_function=failure(method.__name__))
         for method in (
             tools.send_message,
             tools.update_task,
@@ -340,19 +343,18 @@ def _parall_tools(tools: ParallTools, errors: dict[str, str]) -> list[FunctionTo
     ]
 
 
-def _error_text(error: Exception) -> str:
-    """What the model reads when a Parall tool failed. The SDK's default hides every
-    error's message; the Parall tools' messages are written for the model."""
+def _error_text(name: str, error: Exception) -> str:
+    """What the model reads when the Parall tool ``name`` failed. The SDK's default hides
+    every error's message; the Parall tools' messages are written for the model, and an
+    unexpected error's reads as in the other adapters (:func:`tool_failure_text`)."""
     if isinstance(error, ParallToolError):
         return str(error)
-    if isinstance(error, ParallError):
-        return f"the platform failed: {error}"
     if isinstance(error, AgentsException):  # e.g. arguments that do not match the schema
         return str(error)
     if isinstance(getattr(error, "cancelled_error", None), asyncio.CancelledError):
         return "the tool was cancelled"  # the SDK's wrapper of a tool's CancelledError
-    _log.error("a Parall tool failed unexpectedly", exc_info=error)
-    return f"the tool failed unexpectedly ({type(error).__name__})"
+    _log.error("the Parall tool %s failed unexpectedly", name, exc_info=error)
+    return tool_failure_text(name, error)
 
 
 # --- the stream -------------------------------------------------------------------------

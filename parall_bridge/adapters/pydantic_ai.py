@@ -71,6 +71,7 @@ from .base import (
     ParallToolError,
     ParallTools,
     TurnOutput,
+    tool_failure_text,
 )
 
 __all__ = ["DEFAULT_INSTRUCTIONS", "DEFAULT_TOOL_RETRIES", "PydanticAIRuntime"]
@@ -292,10 +293,11 @@ async def _guarded(name: str, call: Awaitable[str]) -> str:
     except ToolFailed:
         raise
     except Exception as error:
-        message = str(error) or type(error).__name__
-        if not isinstance(error, ParallToolError):
+        if isinstance(error, ParallToolError):
+            message = str(error) or type(error).__name__
+        else:
             _log.warning("the Parall tool %s failed", name, exc_info=True)
-            message = f"{name} failed: {type(error).__name__}: {message}"
+            message = tool_failure_text(name, error)
         raise ToolFailed(message) from error
 
 

@@ -18,6 +18,7 @@ from parall_bridge.adapters.base import (
     ParallToolError,
     ParallTools,
     TurnOutput,
+    tool_failure_text,
 )
 from parall_bridge.models import Chat, User
 from parall_bridge.testing import AgentAccount, FakeParallServer, running_gateway
@@ -335,3 +336,10 @@ async def test_a_platform_refusal_is_a_tool_error(
         await server.wait_for(lambda: gateway.stats().turns_succeeded == 1)
     assert errors[0].startswith("the platform refused the history")
     assert errors[1].startswith("the platform refused the message")
+
+
+def test_an_unexpected_tool_failure_reads_the_same_in_every_adapter() -> None:
+    assert tool_failure_text("get_chat_history", KeyError("gone")) == (
+        "get_chat_history failed: KeyError: 'gone'"
+    )
+    assert tool_failure_text("send_message", RuntimeError()) == "send_message failed: RuntimeError"

@@ -321,6 +321,46 @@ async def test_a_restarted_runtime_seeds_the_history_from_the_chat(
     assert runtime.history(MAIN)[:2] == tuple(seen[:2])
 
 
+class BuggyTools(ParallTools):
+    """Parall tools whose get_chat_history(limit=13) fails as a bug would: not with a
+    ``ParallToolError``."""
+
+    async def get_chat_history(self, limit: int = 20) -> str:
+        if limit == 13:
+            raise KeyError("the index is corrupt")
+        return await super().get_chat_history(limit)
+
+
+class Buggy(LangGraphRuntime):
+    """The runtime, its turns given :class:`BuggyTools` (the tools act for the current)."""
+
+    async def run_with_history(
+        self, turn: Turn, history: Sequence[BaseMessage], tools: ParallTools
+    ) -> TurnOutput[BaseMessage]:
+        with BuggyTools(turn).bound() as buggy:
+            return await super().run_with_history(turn, history, buggy)
+
+
+@pytest.mark.asyncio
+async def test_an_unexpected_parall_tool_failure_names_the_tool_the_error_and_its_message(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    """The same text as the Pydantic AI and OpenAI Agents adapters give."""
+    model = ScriptedChatModel(
+        script=[say(calls=[("call_bug", "get_chat_history", {"limit": 13})]), say("Gave up.")]
+    )
+    runtime = Buggy(LangGraphRuntime.from_model(model).graph, seed_history=0)
+    async with running_gateway(server, agent, runtime) as gateway:
+        server.post_message(room.id, ada.id, "what was said?")
+        await server.wait_for(lambda: succeeded(gateway, 1))
+    expected = "get_chat_history failed: KeyError: 'the index is corrupt'"
+    failure = model.calls[1][-1]
+    assert isinstance(failure, ToolMessage)
+    assert (failure.status, failure.content) == ("error", expected)
+    (result,) = [s for s in server.steps(agent.user_id) if s.step_type == StepType.TOOL_RESULT]
+    assert result.content == {"call_id": "call_bug", "error": expected}
+
+
 @pytest.mark.asyncio
 async def test_tool_errors_reach_the_model_and_the_turn_goes_on(
     server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat

@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
@@ -27,6 +27,7 @@ from agents import (
     RunContextWrapper,
     RunItemStreamEvent,
     StreamEvent,
+    TResponseInputItem,
     function_tool,
     handoff,
 )
@@ -35,7 +36,7 @@ from agents.testing import ModelCall, assistant_message, function_call
 
 from parall_bridge import Gateway, StepType, TaskStatus, Turn
 from parall_bridge import protocol as p
-from parall_bridge.adapters.base import REPLY_INSTRUCTIONS, TOOL_NAMES, ParallTools
+from parall_bridge.adapters.base import REPLY_INSTRUCTIONS, TOOL_NAMES, ParallTools, TurnOutput
 from parall_bridge.adapters.openai_agents import OpenAIAgentsRuntime, _parall_tools
 from parall_bridge.models import Chat, User
 from parall_bridge.testing import AgentAccount, FakeParallServer, running_gateway
@@ -289,6 +290,44 @@ async def test_a_tool_error_reaches_the_model_and_the_turn_goes_on(
     assert results["call_bad"] == {"call_id": "call_bad", "error": seen["call_bad"]}
     assert results["call_refused"] == {"call_id": "call_refused", "error": seen["call_refused"]}
     assert "error" not in results["call_sorry"]
+
+
+class BuggyTools(ParallTools):
+    """Parall tools whose get_chat_history(limit=13) fails as a bug would: not with a
+    ``ParallToolError``."""
+
+    async def get_chat_history(self, limit: int = 20) -> str:
+        """The chat's recent messages (fails for 13)."""
+        if limit == 13:
+            raise KeyError("the index is corrupt")
+        return await super().get_chat_history(limit)
+
+
+class Buggy(OpenAIAgentsRuntime):
+    """The runtime, its turns given :class:`BuggyTools`."""
+
+    async def run_with_history(
+        self, turn: Turn, history: Sequence[TResponseInputItem], tools: ParallTools
+    ) -> TurnOutput[TResponseInputItem]:
+        return await super().run_with_history(turn, history, BuggyTools(turn))
+
+
+@pytest.mark.asyncio
+async def test_an_unexpected_tool_failure_names_the_tool_the_error_and_its_message(
+    server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    """The same text as the Pydantic AI and LangGraph adapters give."""
+    brain = Replier(("get_chat_history", {"limit": 13}), when=lambda prompt: True)
+    user_agent: Agent[Any] = Agent(name="Assistant", model=offline_model(brain))
+    runtime = Buggy(user_agent, run_config=quiet_config(), seed_history=0)
+    async with running_gateway(server, agent, runtime) as gateway:
+        server.post_message(room.id, ada.id, "what was said?")
+        await server.wait_for(lambda: succeeded(gateway, 1))
+    (call_id,) = brain.call_ids
+    expected = "get_chat_history failed: KeyError: 'the index is corrupt'"
+    assert tool_outputs(brain.calls[1]) == {call_id: expected}
+    (result,) = [s for s in server.steps(agent.user_id) if s.step_type == StepType.TOOL_RESULT]
+    assert result.content == {"call_id": call_id, "error": expected}
 
 
 @pytest.mark.asyncio
