@@ -41,12 +41,14 @@ from ..runtime import AgentRuntime, ForkOutcome, SessionRef, Turn
 __all__ = [
     "DEFAULT_SEED_HISTORY",
     "REPLY_INSTRUCTIONS",
+    "SEED_HEADING",
     "TOOL_NAMES",
     "ChatEntry",
     "HistoryRuntime",
     "ParallToolError",
     "ParallTools",
     "TurnOutput",
+    "seed_transcript",
     "tool_failure_text",
 ]
 
@@ -71,6 +73,12 @@ REPLY_INSTRUCTIONS: Final = (
 OpenAI Agents appends it to the agent's instructions, ``LangGraphRuntime.from_model`` makes
 it the system message; each adapter's ``instructions``/``system_prompt`` option replaces or
 drops it."""
+
+SEED_HEADING: Final = (
+    'Earlier messages of this chat, oldest first (those marked "(you)" are yours, '
+    "sent with send_message):"
+)
+"""The first line of :func:`seed_transcript`."""
 
 _MAX_HISTORY_LIMIT: Final = 100
 
@@ -102,7 +110,7 @@ class ChatEntry:
         sender_id: who sent it.
         sender_name: their display name (their id when the platform gave none).
         text: its text (a file message: ``[file: <name>]`` and its caption).
-        from_agent: whether this agent sent it (an assistant message, for the model).
+        from_agent: whether this agent sent it (marked ``(you)`` in the seed).
         created_at: when it was sent.
     """
 
@@ -139,6 +147,24 @@ class ChatEntry:
     def line(self) -> str:
         """The entry on one line for a model: ``Sender: text``."""
         return f"{self.sender_name}: {self.text}"
+
+
+def seed_transcript(entries: Sequence[ChatEntry]) -> str:
+    """The chat's recent messages as the text of the one user message that seeds a session
+    (:meth:`HistoryRuntime.seed_messages`, the same in every adapter): :data:`SEED_HEADING`,
+    then one ``Sender: text`` per entry, the agent's own as ``Sender (you): text``.
+
+    The agent's own messages are not given as plain assistant text: in a live turn they
+    are ``send_message`` calls, and a model shown its past replies as plain text may go on
+    answering in plain text, which nobody sees.
+    """
+    lines = [SEED_HEADING]
+    for entry in entries:
+        if entry.from_agent:
+            lines.append(f"{entry.sender_name} (you): {entry.text}")
+        else:
+            lines.append(entry.line())
+    return "\n".join(lines)
 
 
 @attrs.frozen
@@ -349,7 +375,9 @@ class HistoryRuntime(AgentRuntime, Generic[M]):
     @abc.abstractmethod
     def seed_messages(self, turn: Turn, entries: Sequence[ChatEntry]) -> Sequence[M]:
         """The framework's messages for the chat's recent ``entries`` (oldest first),
-        the history of a session seen for the first time."""
+        the history of a session seen for the first time: the three adapters give one
+        user message of :func:`seed_transcript` (the agent's own messages marked as
+        sent with ``send_message``, never as plain assistant text)."""
 
     @abc.abstractmethod
     async def run_with_history(

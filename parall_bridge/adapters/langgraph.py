@@ -58,6 +58,7 @@ from .base import (
     ParallToolError,
     ParallTools,
     TurnOutput,
+    seed_transcript,
     tool_failure_text,
 )
 
@@ -417,14 +418,10 @@ class LangGraphRuntime(HistoryRuntime[BaseMessage]):
         return self._graph
 
     def seed_messages(self, turn: Turn, entries: Sequence[ChatEntry]) -> Sequence[BaseMessage]:
-        """The agent's own messages as ``AIMessage``, the others as ``HumanMessage``
-        ``Sender: text``."""
-        return [
-            AIMessage(entry.text, id=f"parall-seed-{entry.message_id}")
-            if entry.from_agent
-            else HumanMessage(entry.line(), id=f"parall-seed-{entry.message_id}")
-            for entry in entries
-        ]
+        """The chat's recent messages as one ``HumanMessage``:
+        :func:`~parall_bridge.adapters.base.seed_transcript` (the agent's own marked
+        ``(you)``, sent with ``send_message``)."""
+        return [HumanMessage(seed_transcript(entries), id=f"parall-seed-{entries[0].message_id}")]
 
     def _run_config(self, turn: Turn) -> RunnableConfig:
         config: RunnableConfig = dict(self._config)  # type: ignore[assignment]

@@ -82,6 +82,7 @@ from .base import (
     ParallToolError,
     ParallTools,
     TurnOutput,
+    seed_transcript,
     tool_failure_text,
 )
 
@@ -178,15 +179,10 @@ class OpenAIAgentsRuntime(HistoryRuntime[TResponseInputItem]):
     def seed_messages(
         self, turn: Turn, entries: Sequence[ChatEntry]
     ) -> Sequence[TResponseInputItem]:
-        """The chat's recent messages as message items: the agent's own as ``assistant``
-        messages, everyone else's as ``user`` messages prefixed with the sender's name."""
-        items: list[TResponseInputItem] = []
-        for entry in entries:
-            if entry.from_agent:
-                items.append({"role": "assistant", "content": entry.text})
-            else:
-                items.append({"role": "user", "content": entry.line()})
-        return items
+        """The chat's recent messages as one ``user`` message item:
+        :func:`~parall_bridge.adapters.base.seed_transcript` (the agent's own marked
+        ``(you)``, sent with ``send_message``)."""
+        return [{"role": "user", "content": seed_transcript(entries)}]
 
     async def run_with_history(
         self, turn: Turn, history: Sequence[TResponseInputItem], tools: ParallTools

@@ -40,9 +40,6 @@ try:
         FunctionToolResultEvent,
         ModelMessage,
         ModelRequest,
-        ModelRequestPart,
-        ModelResponse,
-        ModelResponsePart,
         NativeToolCallPart,
         NativeToolReturnPart,
         PartDeltaEvent,
@@ -71,6 +68,7 @@ from .base import (
     ParallToolError,
     ParallTools,
     TurnOutput,
+    seed_transcript,
     tool_failure_text,
 )
 
@@ -165,29 +163,10 @@ class PydanticAIRuntime(HistoryRuntime[ModelMessage]):
         return self._agent
 
     def seed_messages(self, turn: Turn, entries: Sequence[ChatEntry]) -> Sequence[ModelMessage]:
-        """The chat's recent messages as Pydantic AI messages: the agent's own as a
-        ``ModelResponse`` of their text, everyone else's as a ``ModelRequest`` of a
-        ``UserPromptPart`` (``Sender: text``); consecutive messages of one side are one
-        message of several parts."""
-        messages: list[ModelMessage] = []
-        requests: list[ModelRequestPart] = []
-        responses: list[ModelResponsePart] = []
-        for entry in entries:
-            if entry.from_agent:
-                if requests:
-                    messages.append(ModelRequest(parts=requests))
-                    requests = []
-                responses.append(TextPart(content=entry.text))
-            else:
-                if responses:
-                    messages.append(ModelResponse(parts=responses))
-                    responses = []
-                requests.append(UserPromptPart(content=entry.line()))
-        if requests:
-            messages.append(ModelRequest(parts=requests))
-        if responses:
-            messages.append(ModelResponse(parts=responses))
-        return messages
+        """The chat's recent messages as one ``ModelRequest`` of a ``UserPromptPart``:
+        :func:`~parall_bridge.adapters.base.seed_transcript` (the agent's own marked
+        ``(you)``, sent with ``send_message``)."""
+        return [ModelRequest(parts=[UserPromptPart(content=seed_transcript(entries))])]
 
     async def run_with_history(
         self, turn: Turn, history: Sequence[ModelMessage], tools: ParallTools

@@ -13,11 +13,13 @@ import pytest
 from parall_bridge import ForkOutcome, Gateway, SessionRef, TaskStatus, Turn
 from parall_bridge import protocol as p
 from parall_bridge.adapters.base import (
+    SEED_HEADING,
     ChatEntry,
     HistoryRuntime,
     ParallToolError,
     ParallTools,
     TurnOutput,
+    seed_transcript,
     tool_failure_text,
 )
 from parall_bridge.models import Chat, User
@@ -32,7 +34,8 @@ Behaviour = Callable[[Turn, ParallTools], Awaitable[None]]
 
 
 class Script(HistoryRuntime[str]):
-    """Messages are strings; each turn adds ``user: <prompt>`` and ``agent: ok``."""
+    """Messages are strings; each turn adds ``user: <prompt>`` and ``agent: ok``; the seed
+    is one message, the transcript (as the adapters seed)."""
 
     def __init__(self, behaviour: Behaviour | None = None, **options: int | None) -> None:
         super().__init__(**options)  # type: ignore[arg-type]
@@ -40,7 +43,7 @@ class Script(HistoryRuntime[str]):
         self.seen: list[tuple[str, tuple[str, ...]]] = []
 
     def seed_messages(self, turn: Turn, entries: Sequence[ChatEntry]) -> Sequence[str]:
-        return [("agent: " if e.from_agent else "user: ") + e.line() for e in entries]
+        return [f"user: {seed_transcript(entries)}"]
 
     async def run_with_history(
         self, turn: Turn, history: Sequence[str], tools: ParallTools
@@ -158,15 +161,21 @@ async def test_a_fresh_session_is_seeded_from_the_chat_before_its_events(
     async with running_gateway(server, agent, runtime) as gateway:
         server.post_message(team.id, ada.id, "new", mentions=[agent.user_id])
         await server.wait_for(lambda: gateway.stats().turns_succeeded == 1)
-    seeded = runtime.seen[0][1]
-    assert seeded == (
-        "agent: Bot: answer 1",
-        "user: Ada: old 2",
-        "agent: Bot: answer 2",
-        "user: Ada: old 3",
-        "agent: Bot: answer 3",
+    (seeded,) = runtime.seen[0][1]
+    # one user message: the agent's own replies are marked as sent with send_message, never
+    # plain assistant text (which a model may imitate, answering where nobody sees it)
+    assert seeded == "user: " + "\n".join(
+        [
+            'Earlier messages of this chat, oldest first (those marked "(you)" are yours, '
+            "sent with send_message):",
+            "Bot (you): answer 1",
+            "Ada: old 2",
+            "Bot (you): answer 2",
+            "Ada: old 3",
+            "Bot (you): answer 3",
+        ]
     )
-    assert runtime.history(runtime.seen[0][0])[:5] == seeded
+    assert runtime.history(runtime.seen[0][0])[0] == seeded
 
 
 @pytest.mark.asyncio
@@ -180,8 +189,11 @@ async def test_a_seed_larger_than_a_page_reads_several_pages(
     async with running_gateway(server, agent, runtime) as gateway:
         server.post_message(team.id, ada.id, "new", mentions=[agent.user_id])
         await server.wait_for(lambda: gateway.stats().turns_succeeded == 1)
-    seeded = runtime.seen[0][1]
-    assert seeded == tuple(f"user: Ada: old {n}" for n in range(10, 160))
+    (seeded,) = runtime.seen[0][1]
+    assert seeded.splitlines() == [
+        f"user: {SEED_HEADING}",
+        *(f"Ada: old {n}" for n in range(10, 160)),
+    ]
 
 
 @pytest.mark.asyncio
