@@ -50,6 +50,7 @@ wheel-smoke: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(PY) -m benchmarks
 	$(PY) -m benchmarks.perf
+	$(PY) -m benchmarks.import_time
 
 soak: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.soak
