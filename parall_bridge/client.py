@@ -195,6 +195,12 @@ class ParallClient:
         api_key: the API key; sent only as a bearer token, never logged or shown.
         session: an aiohttp session to use instead of creating one; the client
             then leaves closing it to the caller.
+        connector: an aiohttp connector (a pool of connections) for the session the
+            client creates, shared with other clients: the caller keeps ownership and
+            closes it after the clients. The session stays the client's own (its own
+            cookie jar and headers); the API key goes in each request's headers only,
+            never into the connector, so clients of different keys can share one (as
+            :class:`~parall_bridge.GatewayFleet` does). Not with ``session``.
         timeout: seconds one request attempt may take.
         retry: the :class:`RetryPolicy` (3 retries, backoff capped at 16 s by default).
         max_response_bytes: largest 2xx body read (16 MiB); a larger one is abandoned
@@ -212,6 +218,7 @@ class ParallClient:
         api_key: str,
         *,
         session: aiohttp.ClientSession | None = None,
+        connector: aiohttp.BaseConnector | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
@@ -224,6 +231,8 @@ class ParallClient:
             raise ValueError("base_url must be an absolute http(s) URL")
         if not api_key:
             raise ValueError("api_key must not be empty")
+        if session is not None and connector is not None:
+            raise ValueError("give a session or a connector, not both")
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout!r}")
         for name, value in (
@@ -239,6 +248,7 @@ class ParallClient:
         self.__api_key = api_key
         self._session = session
         self._owns_session = session is None
+        self._connector = connector
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._retry = retry
         self._max_response_bytes = max_response_bytes
@@ -285,7 +295,11 @@ class ParallClient:
         if self._closed:
             raise RuntimeError("this ParallClient is closed")
         if self._session is None:
-            self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT})
+            self._session = aiohttp.ClientSession(
+                headers={"User-Agent": USER_AGENT},
+                connector=self._connector,
+                connector_owner=self._connector is None,
+            )
             self._owns_session = True
         return self._session
 

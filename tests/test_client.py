@@ -600,6 +600,27 @@ async def test_injected_session_is_not_closed(
         await own.get_me()
 
 
+@pytest.mark.asyncio
+async def test_shared_connector_keeps_each_key_to_its_client(server: FakeParallServer) -> None:
+    bots = [server.add_agent(f"Bot {n}") for n in range(3)]
+    connector = aiohttp.TCPConnector()
+    try:
+        clients = [ParallClient(server.url, bot.api_key, connector=connector) for bot in bots]
+        for _ in range(2):  # the second round goes over connections another key used
+            for bot, c in zip(bots, clients, strict=True):
+                assert (await c.get_me()).id == bot.user_id
+        assert all(c._ensure_session().connector is connector for c in clients)
+        for c in clients:
+            await c.close()
+        assert not connector.closed  # the caller's
+        assert [r.user_id for r in server.requests] == [b.user_id for b in bots] * 2
+    finally:
+        await connector.close()
+    with pytest.raises(ValueError, match="not both"):
+        async with aiohttp.ClientSession() as session:
+            ParallClient(server.url, "k", session=session, connector=connector)
+
+
 def test_constructor_validates() -> None:
     with pytest.raises(ValueError, match="base_url"):
         ParallClient("api.parall.example", "k")
