@@ -28,7 +28,7 @@ from .errors import (
     WebSocketClosedError,
 )
 from .events import EventKind, EventOrigin, ParallEvent
-from .gateway import Gateway, GatewayConfig, GatewayStats
+from .gateway import Gateway, GatewayConfig, GatewayFleet, GatewayStats
 from .models import (
     MENTION_ALL_USER_ID,
     AgentConfig,
@@ -126,6 +126,7 @@ __all__ = [
     "ForkOutcome",
     "Gateway",
     "GatewayConfig",
+    "GatewayFleet",
     "GatewayInfo",
     "GatewayStats",
     "Hello",
