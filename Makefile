@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: demo test lint typecheck pytest docs wheel-smoke bench soak fuzz clean
+.PHONY: demo test lint typecheck pytest postgres-server docs wheel-smoke bench soak fuzz clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "parall_bridge needs Python 3.11+ (set PYTHON=python3.X)")'
@@ -36,8 +36,18 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy --strict parall_bridge tests benchmarks examples tools
 
-pytest: $(VENV)/.installed-dev
+pytest: $(VENV)/.installed-dev postgres-server
 	$(BIN)/pytest
+
+# The PostgreSQL store's tests start a throwaway server (initdb and pg_ctl into a temporary
+# folder): Debian's postgresql package provides them. A no-op when they are there.
+postgres-server:
+	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+		echo "installing Debian's postgresql package (the PostgreSQL store's tests run a server)"; \
+		if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+		$$sudo apt-get update -qq && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
+	}
 
 # What CI runs: lint, types, the suite, the docs (strict), and the package as a user gets it.
 test: lint typecheck pytest docs wheel-smoke

@@ -4,6 +4,8 @@
   survives the process.
 - :class:`SqliteStateStore`: a SQLite file (``GatewayConfig(state_path=...)``):
   the embedded durable default, one file per account.
+- :class:`PostgresStateStore`: a PostgreSQL database that many accounts share
+  (extra ``postgres``; asyncpg is imported only when such a store opens).
 """
 
 from .base import (
@@ -16,10 +18,12 @@ from .base import (
     TurnRow,
 )
 from .memory import MemoryStateStore
+from .postgres import PostgresStateStore
 from .sqlite import SqliteStateStore
 
 __all__ = [
     "MemoryStateStore",
+    "PostgresStateStore",
     "SourceRow",
     "SqliteStateStore",
     "StateBatch",

@@ -4,6 +4,12 @@ Each test gets an opened store through a :class:`Harness`. Its :meth:`~Harness.r
 stands for a gateway restart: the memory store is released (the same object is
 given to the next gateway); the SQLite store is released too, or, in its
 ``sqlite-reopened`` variant, closed and replaced by a fresh object on the same file.
+
+The PostgreSQL store runs on a fresh database of a real server (tests/state/conftest.py).
+Its ``postgres-reopened`` variant closes the store and opens the same object again (new
+connections): the object is one account's view of a shared database, so a fresh object
+on it may serve another agent, and what a fresh object of the same agent finds is tested
+by :func:`test_async_with_opens_and_closes` and tests/state/test_postgres.py.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from parall_bridge.state import (
     StoreMeta,
     TurnRow,
 )
+from parall_bridge.state.postgres import PostgresStateStore
 from parall_bridge.state.sqlite import SqliteStateStore
+
+from ._postgres import PostgresServer
 
 URL = "https://parall.example/api"
 ADA = StoreIdentity(parall_url=URL, org_id="org_1", agent_id="agent_1", account_id="main")
@@ -38,19 +47,24 @@ OTHER_URL = StoreIdentity(
 
 
 class Harness:
-    """An opened store of one kind, and how to restart it."""
+    """An opened store of one kind, and how to restart it.
 
-    def __init__(self, make: Callable[[], StateStore], reopens: bool) -> None:
+    ``restart``: ``release`` (the same open object), ``new`` (closed, and a new object
+    opened) or ``reopen`` (closed, and the same object opened again).
+    """
+
+    def __init__(self, make: Callable[[], StateStore], restart: str) -> None:
         self.make = make
-        self.reopens = reopens
+        self.restart = restart
         self.store = make()
 
     async def reopen(self) -> StateStore:
-        """A restart: the store is released, or closed and opened again as a new object."""
+        """A restart: the store is released, or closed and opened again."""
         await self.store.release()
-        if self.reopens:
+        if self.restart != "release":
             await self.store.close()
-            self.store = self.make()
+            if self.restart == "new":
+                self.store = self.make()
             await self.store.open()
         return self.store
 
@@ -59,17 +73,26 @@ class Harness:
         return await (await self.reopen()).load(ADA)
 
 
-@pytest_asyncio.fixture(params=["memory", "sqlite", "sqlite-reopened"])
+@pytest_asyncio.fixture(
+    params=["memory", "sqlite", "sqlite-reopened", "postgres", "postgres-reopened"]
+)
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     """An opened store of each kind, closed after the test."""
     kind: str = request.param
     make: Callable[[], StateStore]
+    restart = "release"
     if kind == "memory":
         memory = MemoryStateStore()  # one object: its content is the store
         make = lambda: memory  # noqa: E731
-    else:
+    elif kind.startswith("sqlite"):
         make = lambda: SqliteStateStore(tmp_path / "state.db")  # noqa: E731
-    h = Harness(make, reopens=kind == "sqlite-reopened")
+        restart = "new" if kind == "sqlite-reopened" else "release"
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        dsn = await server.new_database()
+        make = lambda: PostgresStateStore(dsn)  # noqa: E731
+        restart = "reopen" if kind == "postgres-reopened" else "release"
+    h = Harness(make, restart)
     await h.store.open()
     try:
         yield h

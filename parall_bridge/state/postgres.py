@@ -1,0 +1,444 @@
+"""``PostgresStateStore``: gateways' state in a shared PostgreSQL database (asyncpg).
+
+One database holds the state of many accounts: every row is keyed by its
+account, the agent's platform URL, org and agent id (never the gateway's
+``account_id`` alone). A store object is one account's view of it: its first
+:meth:`~StateStore.load` binds it to that agent and it refuses another, as a
+SQLite file does; another object on the same database serves another agent.
+
+The tables live in the PostgreSQL schema ``parall_bridge``. The database records
+its schema version and the oldest version of this code that can still use it:
+an older database is migrated on open (:data:`MIGRATIONS`, run under a
+PostgreSQL advisory lock, so processes that start at once migrate it once); a
+database that needs newer code is refused and left as it is.
+
+Not there yet: account leases (at most one process per account across
+machines) come with the fleet. Until then, run each account in one process at a
+time.
+
+The DSN's password is never shown: :attr:`~PostgresStateStore.description`,
+``repr`` and every error name the database without it.
+
+asyncpg (``pip install 'parall-bridge[postgres]'``) is imported when a store
+opens, never by ``import parall_bridge``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
+
+import attrs
+
+from ..errors import StateStoreError
+from .base import SourceRow, StateBatch, StateStore, StoredState, StoreIdentity, StoreMeta, TurnRow
+
+__all__ = ["MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "Migration", "PostgresStateStore"]
+
+SCHEMA = "parall_bridge"
+"""The PostgreSQL schema (namespace) that holds the store's tables (spelt out in the SQL)."""
+
+SCHEMA_VERSION = 1
+"""The schema version this code reads and writes."""
+
+MIGRATION_LOCK = (0x50524C4C, 1)
+"""The advisory lock (two 32-bit keys, ``PRLL`` and 1) held while a store migrates."""
+
+
+@attrs.frozen
+class Migration:
+    """One schema upgrade, from version ``N`` to ``N + 1`` (:data:`MIGRATIONS`).
+
+    Attributes:
+        statements: SQL run in order, in the migration's transaction.
+        oldest_reader: the oldest code schema version that can still use the database
+            once this step ran. ``None`` (an additive step: new tables, new nullable
+            columns, new indexes) keeps what the database recorded, so processes of the
+            previous version keep running beside the new ones during a rolling deploy.
+    """
+
+    statements: tuple[str, ...] = attrs.field(converter=tuple)
+    oldest_reader: int | None = None
+
+
+MIGRATIONS: dict[int, Migration] = {}
+"""Version ``N`` -> the :class:`Migration` that upgrades a database from ``N`` to ``N + 1``.
+
+On open, under :data:`MIGRATION_LOCK`, an older database runs every step up to
+:data:`SCHEMA_VERSION` in one transaction. A new database gets the version 1 schema
+and then the same steps.
+"""
+
+_SCHEMA_V1 = (
+    "CREATE SCHEMA IF NOT EXISTS parall_bridge",
+    """CREATE TABLE parall_bridge.schema_version (
+        singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+        version integer NOT NULL,
+        oldest_reader integer NOT NULL,
+        migrated_at timestamptz NOT NULL DEFAULT now())""",
+    """CREATE TABLE parall_bridge.accounts (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        parall_url text NOT NULL, org_id text NOT NULL, agent_id text NOT NULL,
+        account_id text NOT NULL,
+        last_seq bigint NOT NULL DEFAULT 0, session_id text, last_heard_at double precision,
+        UNIQUE (parall_url, org_id, agent_id))""",
+    """CREATE TABLE parall_bridge.sources (
+        account bigint NOT NULL REFERENCES parall_bridge.accounts (id) ON DELETE CASCADE,
+        key text NOT NULL, source_type text NOT NULL, source_id text NOT NULL,
+        origin text NOT NULL, state text NOT NULL, attempts bigint NOT NULL,
+        next_attempt_at double precision, last_error text, dispatch_ids text[] NOT NULL,
+        ack_pending boolean NOT NULL, turn_id text, event text, ord bigint NOT NULL,
+        seq bigint GENERATED ALWAYS AS IDENTITY,
+        PRIMARY KEY (account, key))""",
+    """CREATE TABLE parall_bridge.turns (
+        account bigint NOT NULL REFERENCES parall_bridge.accounts (id) ON DELETE CASCADE,
+        turn_id text NOT NULL, keys text[] NOT NULL, session_key text NOT NULL,
+        prefix text NOT NULL, attempt bigint NOT NULL, state text NOT NULL,
+        ord bigint NOT NULL, seq bigint GENERATED ALWAYS AS IDENTITY,
+        PRIMARY KEY (account, turn_id))""",
+)
+# An update keeps a row's seq, the tie-break of equal orders, as memory and SQLite do.
+_PUT_SOURCE = """INSERT INTO parall_bridge.sources (account, key, source_type, source_id, origin,
+        state, attempts, next_attempt_at, last_error, dispatch_ids, ack_pending, turn_id,
+        event, ord)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+    ON CONFLICT (account, key) DO UPDATE SET source_type = excluded.source_type,
+        source_id = excluded.source_id, origin = excluded.origin, state = excluded.state,
+        attempts = excluded.attempts, next_attempt_at = excluded.next_attempt_at,
+        last_error = excluded.last_error, dispatch_ids = excluded.dispatch_ids,
+        ack_pending = excluded.ack_pending, turn_id = excluded.turn_id,
+        event = excluded.event, ord = excluded.ord"""
+_PUT_TURN = """INSERT INTO parall_bridge.turns (account, turn_id, keys, session_key, prefix,
+        attempt, state, ord)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    ON CONFLICT (account, turn_id) DO UPDATE SET keys = excluded.keys,
+        session_key = excluded.session_key, prefix = excluded.prefix,
+        attempt = excluded.attempt, state = excluded.state, ord = excluded.ord"""
+_DELETE_SOURCE = "DELETE FROM parall_bridge.sources WHERE account = $1 AND key = $2"
+_DELETE_TURN = "DELETE FROM parall_bridge.turns WHERE account = $1 AND turn_id = $2"
+_PUT_META = """UPDATE parall_bridge.accounts SET last_seq = $2, session_id = $3,
+    last_heard_at = $4 WHERE id = $1"""
+_BIND_ACCOUNT = """INSERT INTO parall_bridge.accounts (parall_url, org_id, agent_id, account_id)
+    VALUES ($1, $2, $3, $4)
+    ON CONFLICT (parall_url, org_id, agent_id) DO UPDATE SET account_id = excluded.account_id
+    RETURNING id, last_seq, session_id, last_heard_at"""
+_SELECT_SOURCES = """SELECT key, source_type, source_id, origin, state, attempts,
+    next_attempt_at, last_error, dispatch_ids, ack_pending, turn_id, event, ord
+    FROM parall_bridge.sources WHERE account = $1 ORDER BY ord, seq"""
+_SELECT_TURNS = """SELECT turn_id, keys, session_key, prefix, attempt, state, ord
+    FROM parall_bridge.turns WHERE account = $1 ORDER BY ord, seq"""
+
+
+class _Connection(Protocol):
+    """The part of ``asyncpg.Connection`` the store uses (asyncpg has no type hints)."""
+
+    async def execute(self, query: str, *args: object) -> str: ...
+    async def executemany(self, command: str, args: Iterable[Sequence[object]]) -> None: ...
+    async def fetch(self, query: str, *args: object) -> list[Mapping[str, Any]]: ...
+    async def fetchrow(self, query: str, *args: object) -> Mapping[str, Any] | None: ...
+    async def fetchval(self, query: str, *args: object) -> Any: ...
+    def transaction(self) -> AbstractAsyncContextManager[object]: ...
+
+
+class _Pool(Protocol):
+    """The part of ``asyncpg.Pool`` the store uses."""
+
+    def acquire(self) -> AbstractAsyncContextManager[_Connection]: ...
+    async def close(self) -> None: ...
+    def terminate(self) -> None: ...
+
+
+class PostgresStateStore(StateStore):
+    """A :class:`StateStore` in a PostgreSQL database that many accounts can share.
+
+    Args:
+        dsn: the database's URL, ``postgresql://user:password@host:port/database``
+            (asyncpg's form; the password may also come from ``PGPASSWORD`` or a
+            ``.pgpass`` file). It is never shown: :attr:`description` leaves the
+            password out.
+
+    The object is one account's view of the database: its first :meth:`load` binds it to
+    that agent (platform URL, org, agent id), and it refuses another agent after that, as
+    a SQLite file does. Several objects on one database serve several accounts, each
+    seeing only its own rows.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__()
+        self._dsn = dsn
+        self._secrets = _secrets_of(dsn)
+        self._description = _describe(dsn)
+        self._pool: _Pool | None = None
+        self._owner: StoreIdentity | None = None
+        self._account: int | None = None
+
+    @property
+    def description(self) -> str:
+        """The database's URL without its password."""
+        return self._description
+
+    def __repr__(self) -> str:
+        return f"PostgresStateStore({self._description!r})"
+
+    async def _open_store(self) -> None:
+        try:
+            import asyncpg  # type: ignore[import-untyped]  # no type hints: see _Pool
+        except ImportError:
+            raise StateStoreError(
+                f"state store {self._description}: PostgresStateStore needs asyncpg "
+                "(pip install 'parall-bridge[postgres]')"
+            ) from None
+        async with self._errors("open"):
+            self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=2)
+        try:
+            async with self._errors("open"), self._connection() as conn:
+                await self._migrate(conn)
+        except BaseException:
+            await self._close_store()
+            raise
+
+    async def _close_store(self) -> None:
+        pool, self._pool = self._pool, None
+        self._account = None
+        if pool is None:
+            return
+        try:
+            await pool.close()
+        except Exception:  # a connection already broken: nothing left to close cleanly
+            pool.terminate()
+        except BaseException:  # cancelled: drop the connections, and stop
+            pool.terminate()
+            raise
+
+    async def _load(self, identity: StoreIdentity) -> StoredState:
+        if self._owner is not None and not self._owner.same_agent(identity):
+            raise StateStoreError(
+                f"state store {self._description} belongs to {self._owner.describe()}, "
+                f"not {identity.describe()}"
+            )
+        url, org_id, agent_id = identity._agent()
+        async with self._errors("load"), self._connection() as conn, conn.transaction():
+            account = await conn.fetchrow(_BIND_ACCOUNT, url, org_id, agent_id, identity.account_id)
+            assert account is not None  # RETURNING always gives the row
+            sources = await conn.fetch(_SELECT_SOURCES, account["id"])
+            turns = await conn.fetch(_SELECT_TURNS, account["id"])
+        self._owner = self._owner or identity
+        self._account = int(account["id"])
+        return StoredState(
+            sources=tuple(_source_row(row) for row in sources),
+            turns=tuple(_turn_row(row) for row in turns),
+            meta=StoreMeta(
+                last_seq=int(account["last_seq"]),
+                session_id=account["session_id"],
+                last_heard_at=account["last_heard_at"],
+            ),
+        )
+
+    async def _write(self, batch: StateBatch) -> None:
+        account = self._account
+        if account is None:
+            raise StateStoreError(f"state store {self._description} is not loaded by a gateway")
+        async with self._errors("write"), self._connection() as conn, conn.transaction():
+            if batch.deleted_sources:
+                await conn.executemany(
+                    _DELETE_SOURCE, [(account, key) for key in batch.deleted_sources]
+                )
+            if batch.sources:
+                await conn.executemany(
+                    _PUT_SOURCE, [_source_params(account, row) for row in batch.sources]
+                )
+            if batch.deleted_turns:
+                await conn.executemany(
+                    _DELETE_TURN, [(account, turn_id) for turn_id in batch.deleted_turns]
+                )
+            if batch.turns:
+                await conn.executemany(
+                    _PUT_TURN, [_turn_params(account, turn) for turn in batch.turns]
+                )
+            if batch.meta is not None:
+                meta = batch.meta
+                await conn.execute(
+                    _PUT_META, account, meta.last_seq, meta.session_id, meta.last_heard_at
+                )
+
+    async def release(self) -> None:
+        """The gateway is done with the store (it stays open, bound to its agent)."""
+        self._account = None
+        await super().release()
+
+    # --- helpers ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[_Connection]:
+        if self._pool is None:
+            raise StateStoreError(f"state store {self._description} is not open")
+        async with self._pool.acquire() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _errors(self, what: str) -> AsyncIterator[None]:
+        """Turn a driver's error into a :class:`StateStoreError` without the password
+        (and without the original exception, whose text could carry it)."""
+        try:
+            yield
+        except StateStoreError:
+            raise
+        except Exception as exc:
+            text = _redact(f"{type(exc).__name__}: {exc}", self._secrets)
+            raise StateStoreError(
+                f"state store {self._description}: {what} failed: {text}"
+            ) from None
+
+    async def _migrate(self, conn: _Connection) -> None:
+        """Create or upgrade the schema under the migration lock; refuse a database this
+        code cannot use (left as it is: the transaction is rolled back)."""
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *MIGRATION_LOCK)
+            table = await conn.fetchval("SELECT to_regclass($1)", "parall_bridge.schema_version")
+            if table is None:
+                foreign = await conn.fetchval(
+                    "SELECT count(*) FROM pg_tables WHERE schemaname = $1", SCHEMA
+                )
+                if foreign:
+                    raise StateStoreError(
+                        f"state store {self._description} is not a parall_bridge state store "
+                        f"(its schema {SCHEMA!r} has tables but no schema_version); it was "
+                        "left as it is"
+                    )
+                for statement in _SCHEMA_V1:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO parall_bridge.schema_version (version, oldest_reader) "
+                    "VALUES (1, 1)"
+                )
+            row = await conn.fetchrow(
+                "SELECT version, oldest_reader FROM parall_bridge.schema_version"
+            )
+            if row is None:
+                raise StateStoreError(
+                    f"state store {self._description} has no schema version row; it was "
+                    "left as it is"
+                )
+            version, oldest = int(row["version"]), int(row["oldest_reader"])
+            if oldest > SCHEMA_VERSION:
+                raise StateStoreError(
+                    f"state store {self._description} needs a newer parall_bridge (its "
+                    f"schema version {version} can be used from schema version {oldest} on; "
+                    f"this version knows up to {SCHEMA_VERSION}); it was left as it is"
+                )
+            if version >= SCHEMA_VERSION:
+                return  # up to date, or newer and still readable by this version
+            for step in range(version, SCHEMA_VERSION):
+                migration = MIGRATIONS.get(step)
+                if migration is None:
+                    raise StateStoreError(
+                        f"state store {self._description}: no migration from schema version "
+                        f"{step} to {step + 1}"
+                    )
+                for statement in migration.statements:
+                    await conn.execute(statement)
+                if migration.oldest_reader is not None:
+                    oldest = max(oldest, migration.oldest_reader)
+            await conn.execute(
+                "UPDATE parall_bridge.schema_version SET version = $1, oldest_reader = $2, "
+                "migrated_at = now()",
+                SCHEMA_VERSION,
+                oldest,
+            )
+
+
+def _source_params(account: int, row: SourceRow) -> tuple[object, ...]:
+    return (
+        account,
+        row.key,
+        row.source_type,
+        row.source_id,
+        row.origin,
+        row.state,
+        row.attempts,
+        row.next_attempt_at,
+        row.last_error,
+        list(row.dispatch_ids),
+        row.ack_pending,
+        row.turn_id,
+        row.event,
+        row.order,
+    )
+
+
+def _source_row(values: Mapping[str, Any]) -> SourceRow:
+    return SourceRow(
+        key=values["key"],
+        source_type=values["source_type"],
+        source_id=values["source_id"],
+        origin=values["origin"],
+        state=values["state"],
+        attempts=values["attempts"],
+        next_attempt_at=values["next_attempt_at"],
+        last_error=values["last_error"],
+        dispatch_ids=values["dispatch_ids"],
+        ack_pending=values["ack_pending"],
+        turn_id=values["turn_id"],
+        event=values["event"],
+        order=values["ord"],
+    )
+
+
+def _turn_params(account: int, turn: TurnRow) -> tuple[object, ...]:
+    return (
+        account,
+        turn.turn_id,
+        list(turn.keys),
+        turn.session_key,
+        turn.prefix,
+        turn.attempt,
+        turn.state,
+        turn.order,
+    )
+
+
+def _turn_row(values: Mapping[str, Any]) -> TurnRow:
+    return TurnRow(
+        turn_id=values["turn_id"],
+        keys=values["keys"],
+        session_key=values["session_key"],
+        prefix=values["prefix"],
+        attempt=values["attempt"],
+        state=values["state"],
+        order=values["ord"],
+    )
+
+
+def _secrets_of(dsn: str) -> tuple[str, ...]:
+    """The password(s) a DSN carries, as written and decoded (longest first)."""
+    found: set[str] = set()
+    parts = urlsplit(dsn)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if at:
+        _, colon, password = userinfo.partition(":")
+        if colon and password:
+            found.update((password, unquote(password), quote(unquote(password), safe="")))
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "password" and value:
+            found.update((value, quote(value, safe="")))
+    return tuple(sorted((secret for secret in found if secret), key=len, reverse=True))
+
+
+def _describe(dsn: str) -> str:
+    """The DSN without its password (in the user part or in the query)."""
+    parts = urlsplit(dsn)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.partition(':')[0]}@{hosts}" if at else hosts
+    query = "&".join(
+        item for item in parts.query.split("&") if unquote(item.partition("=")[0]) != "password"
+    )
+    return _redact(urlunsplit(parts._replace(netloc=netloc, query=query)), _secrets_of(dsn))
+
+
+def _redact(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
