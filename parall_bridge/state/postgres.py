@@ -29,7 +29,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import attrs
 
@@ -48,6 +48,10 @@ MIGRATION_LOCK = (0x50524C4C, 1)
 """The advisory lock (two 32-bit keys, ``PRLL`` and 1) held while a store migrates."""
 
 
+def _statements(values: Iterable[str]) -> tuple[str, ...]:
+    return (values,) if isinstance(values, str) else tuple(values)
+
+
 @attrs.frozen
 class Migration:
     """One schema upgrade, from version ``N`` to ``N + 1`` (:data:`MIGRATIONS`).
@@ -60,7 +64,7 @@ class Migration:
             previous version keep running beside the new ones during a rolling deploy.
     """
 
-    statements: tuple[str, ...] = attrs.field(converter=tuple)
+    statements: tuple[str, ...] = attrs.field(converter=_statements)
     oldest_reader: int | None = None
 
 
@@ -435,7 +439,8 @@ def _describe(dsn: str) -> str:
     query = "&".join(
         item for item in parts.query.split("&") if unquote(item.partition("=")[0]) != "password"
     )
-    return _redact(urlunsplit(parts._replace(netloc=netloc, query=query)), _secrets_of(dsn))
+    text = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    return _redact(text, _secrets_of(dsn))
 
 
 def _redact(text: str, secrets: Sequence[str]) -> str:
