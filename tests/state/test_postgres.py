@@ -14,6 +14,8 @@ import asyncpg  # type: ignore[import-untyped]  # asyncpg has no type hints
 import pytest
 
 from parall_bridge.errors import StateStoreError
+from parall_bridge.models import Chat, User
+from parall_bridge.runtime import Turn
 from parall_bridge.state import (
     PostgresStateStore,
     SourceRow,
@@ -24,7 +26,9 @@ from parall_bridge.state import (
 )
 from parall_bridge.state import postgres as pg_store
 from parall_bridge.state.postgres import Migration
+from parall_bridge.testing import AgentAccount, FakeParallServer
 
+from ..gateway._harness import Gate, ScriptedRuntime, running
 from ._postgres import SECRET_PASSWORD, SECRET_USER, PostgresServer
 
 URL = "https://parall.example/api"
@@ -150,6 +154,51 @@ async def test_a_failed_write_applies_nothing(postgres_dsn: str) -> None:
         await store.release()
         state = await store.load(ADA)
         assert (state.sources, state.turns) == ((row("kept"),), ())
+
+
+# --- a gateway on it --------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_gateway_restarted_on_a_new_store_object_runs_its_interrupted_turn_first(
+    postgres_dsn: str, server: FakeParallServer, agent: AgentAccount, ada: User, room: Chat
+) -> None:
+    """The turn replied, then shutdown cancelled it; the next run (another store object on
+    the same database, as another process would have) runs it again first as the same
+    turn, so the human sees one reply."""
+    gate = Gate()
+
+    async def reply_then_hang(turn: Turn) -> str | None:
+        await turn.send_message(f"re {turn.event.text}")
+        return await gate(turn)
+
+    async def reply(turn: Turn) -> str | None:
+        await turn.send_message(f"re {turn.event.text}")
+        return "ok"
+
+    def replies() -> list[str]:
+        return [
+            m.content.text  # type: ignore[union-attr]
+            for m in server.messages(room.id)
+            if m.sender_id == agent.user_id
+        ]
+
+    first = ScriptedRuntime(reply_then_hang)
+    first_store = PostgresStateStore(postgres_dsn)
+    async with (
+        first_store,
+        running(server, agent, first, store=first_store, shutdown_grace=0.1) as run,
+    ):
+        server.post_message(room.id, ada.id, "one")
+        await run.wait_for(lambda: replies() == ["re one"])
+    server.post_message(room.id, ada.id, "two")  # while the gateway is down
+    second = ScriptedRuntime(reply)
+    second_store = PostgresStateStore(postgres_dsn)
+    async with second_store, running(server, agent, second, store=second_store) as run:
+        await run.wait_for(lambda: not run.pending() and len(second.finished) == 2)
+    assert second.texts() == [["one"], ["two"]]
+    assert second.turns[0].turn_id == first.turns[0].turn_id
+    assert replies() == ["re one", "re two"]
 
 
 # --- schema versions and migrations -----------------------------------------------------
