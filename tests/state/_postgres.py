@@ -1,7 +1,8 @@
 """A throwaway PostgreSQL server for the store's tests: ``initdb`` and ``pg_ctl`` into a
 temporary folder, reached only through a Unix socket in that folder (no TCP port, so
 concurrent test runs never collide). Started once per session, stopped with
-``pg_ctl stop -m immediate`` and deleted at its end.
+``pg_ctl stop -m immediate`` and deleted at its end; a session killed before its end
+leaves its cluster to the next session, which stops and deletes it.
 
 The binaries come from PATH or ``/usr/lib/postgresql/*/bin`` (Debian's ``postgresql``
 package: ``make postgres-server`` installs it). PostgreSQL refuses to run as root, so as
@@ -56,6 +57,48 @@ def find_bindir() -> Path:
     pytest.fail(INSTALL_HINT, pytrace=False)
 
 
+PREFIX = "prll-pg-"
+"""How a cluster's temporary folder is named (in the system's temporary directory)."""
+
+OWNER = "owner.pid"
+"""The file, in a cluster's folder, that holds the pid of the test session that made it."""
+
+
+def reap_stale_clusters(bindir: Path, prefix: list[str]) -> None:
+    """Stop and delete the clusters of test sessions that died without stopping theirs
+    (a pytest killed with SIGKILL): those whose owner's pid is gone. Other sessions'
+    clusters, and folders without an owner yet, are left alone."""
+    for owner in glob.glob(os.path.join(tempfile.gettempdir(), PREFIX + "*", OWNER)):
+        root = Path(owner).parent
+        try:
+            pid = int(Path(owner).read_text(encoding="ascii"))
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            pass  # its session is gone
+        except (OSError, ValueError):
+            continue  # alive (another user's), or not ours to judge
+        else:
+            continue  # alive
+        if (root / "data" / "postmaster.pid").exists():
+            subprocess.run(  # noqa: S603  # our own command line
+                [
+                    *prefix,
+                    str(bindir / "pg_ctl"),
+                    "-D",
+                    str(root / "data"),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ],
+                cwd=tempfile.gettempdir(),
+                capture_output=True,
+                check=False,
+                timeout=60,
+            )
+        shutil.rmtree(root, ignore_errors=True)
+
+
 class PostgresServer:
     """A running throwaway cluster; :meth:`stop` ends it and deletes its folder."""
 
@@ -68,16 +111,19 @@ class PostgresServer:
                 pytrace=False,
             )
         self.bindir = find_bindir()
-        # A short path: a Unix socket's path is limited to about 100 bytes.
-        self.root = Path(tempfile.mkdtemp(prefix="prll-pg-"))
-        self.data = self.root / "data"
         self._prefix: list[str] = []
+        if os.geteuid() == 0:
+            self._prefix = ["runuser", "-u", "nobody", "--"]
+        reap_stale_clusters(self.bindir, self._prefix)
+        # A short path: a Unix socket's path is limited to about 100 bytes.
+        self.root = Path(tempfile.mkdtemp(prefix=PREFIX))
+        self.data = self.root / "data"
         self._started = False
         self._names = itertools.count(1)
+        (self.root / OWNER).write_text(str(os.getpid()), encoding="ascii")
         if os.geteuid() == 0:
             nobody = pwd.getpwnam("nobody")
             os.chown(self.root, nobody.pw_uid, nobody.pw_gid)
-            self._prefix = ["runuser", "-u", "nobody", "--"]
 
     def start(self) -> None:
         """initdb, configure (socket only, no fsync) and start the server."""
@@ -121,7 +167,7 @@ class PostgresServer:
     def stop(self) -> None:
         """Stop the server at once (no checkpoint: it is thrown away) and delete it all."""
         try:
-            if self._started:
+            if self._started and self.root.exists():  # (a later session may have reaped it)
                 self._started = False
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 from urllib.parse import quote, urlsplit
@@ -29,6 +30,7 @@ from parall_bridge.state.postgres import Migration
 from parall_bridge.testing import AgentAccount, FakeParallServer
 
 from ..gateway._harness import Gate, ScriptedRuntime, running
+from . import _postgres
 from ._postgres import SECRET_PASSWORD, SECRET_USER, PostgresServer
 
 URL = "https://parall.example/api"
@@ -49,11 +51,11 @@ def row(key: str, **fields: object) -> SourceRow:
     return SourceRow(key=key, **(base | fields))  # type: ignore[arg-type]
 
 
-async def query(dsn: str, sql: str) -> list[tuple[object, ...]]:
+async def query(dsn: str, sql: str, *args: object) -> list[tuple[object, ...]]:
     """Rows of ``sql``, read on a connection of the test's own."""
     conn = await asyncpg.connect(dsn)
     try:
-        return [tuple(record) for record in await conn.fetch(sql)]
+        return [tuple(record) for record in await conn.fetch(sql, *args)]
     finally:
         await conn.close()
 
@@ -154,6 +156,34 @@ async def test_a_failed_write_applies_nothing(postgres_dsn: str) -> None:
         await store.release()
         state = await store.load(ADA)
         assert (state.sources, state.turns) == ((row("kept"),), ())
+
+
+@pytest.mark.asyncio
+async def test_a_dropped_connection_fails_one_write_and_the_next_one_reconnects(
+    postgres_dsn: str, postgres_server: PostgresServer
+) -> None:
+    async with PostgresStateStore(postgres_dsn) as store:
+        await store.load(ADA)
+        await store.write(StateBatch(sources=(row("a"),)))
+        name = urlsplit(postgres_dsn).path.lstrip("/")
+        terminated = await query(
+            postgres_server.dsn(),
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+        assert terminated == [(True,)]
+        failures: list[str] = []
+        for _ in range(2):  # the pool may notice the dead connection before using it
+            try:
+                await store.write(StateBatch(sources=(row("b"),)))
+                break
+            except StateStoreError as exc:
+                failures.append(str(exc))
+        assert len(failures) <= 1
+        assert all("write failed" in failure for failure in failures)
+        await store.release()
+        assert (await store.load(ADA)).sources == (row("a"), row("b"))
 
 
 # --- a gateway on it --------------------------------------------------------------------
@@ -394,6 +424,34 @@ def test_the_description_keeps_everything_but_the_password() -> None:
     assert repr(store) == f"PostgresStateStore({store.description!r})"
     for dsn in ("postgresql://db.example/prll", "postgres:///prll?host=/run/pg"):
         assert PostgresStateStore(dsn).description == dsn
+
+
+# --- the test server itself -------------------------------------------------------------
+
+
+def process_runs(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, left for an init that reaps late, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_a_cluster_left_by_a_killed_session_is_stopped_by_the_next_one() -> None:
+    leftover = PostgresServer()
+    leftover.start()
+    try:
+        gone = subprocess.Popen(["true"])  # noqa: S607
+        gone.wait()
+        (leftover.root / _postgres.OWNER).write_text(str(gone.pid), encoding="ascii")
+        postmaster = int((leftover.data / "postmaster.pid").read_text().split()[0])
+        PostgresServer().stop()  # its start-up reaps the leftover
+        assert not leftover.root.exists()
+        assert not process_runs(postmaster)
+    finally:
+        leftover.stop()
 
 
 # --- packaging --------------------------------------------------------------------------
