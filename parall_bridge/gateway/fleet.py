@@ -18,6 +18,7 @@ A host does::
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable, Iterable
 from typing import Final, Literal, TypeAlias, TypedDict
@@ -68,6 +69,40 @@ TOTALLED: Final = (
     "store_failures",
 )
 """The :class:`GatewayStats` counters summed in :meth:`GatewayFleet.stats` ``totals``."""
+
+_ACCOUNT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "parall_bridge_fleet_account", default=None
+)
+"""The account whose task logs: set in each account's runner, so its gateway's tasks
+(all started from there) inherit it."""
+
+
+class _AccountFilter(logging.Filter):
+    """Gives a record logged in an account's context that account's ``account_id``
+    (outside a fleet it leaves records as they are)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        account_id = _ACCOUNT.get()
+        if account_id is not None and not hasattr(record, "account_id"):
+            record.account_id = account_id
+        return True
+
+
+_FILTER: Final = _AccountFilter()
+
+
+def _tag_library_loggers() -> None:
+    """Put the account filter on the library's loggers (not the emulator's): a logger's
+    filters see only the records logged on it, so each gets it. Idempotent."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if (
+            isinstance(logger, logging.Logger)
+            and (name == "parall_bridge" or name.startswith("parall_bridge."))
+            and not name.startswith("parall_bridge.testing")
+            and _FILTER not in logger.filters
+        ):
+            logger.addFilter(_FILTER)
+
 
 FLEET_STOPPED: Final = "the fleet stopped"
 REMOVED: Final = "removed from the fleet"
@@ -163,7 +198,12 @@ class GatewayFleet:
     has its own connection, as it must.
 
     Every log record of the fleet's own carries the account id (the record's
-    ``account_id`` attribute, and the message).
+    ``account_id`` attribute, and the message), and so does every record the library
+    logs for an account (its gateway, client, WebSocket: the ``account_id`` attribute,
+    for a formatter's ``%(account_id)s``, with ``defaults={"account_id": "-"}`` for the
+    records of no account). For that, :meth:`start` puts a filter on the
+    library's loggers (those of ``parall_bridge`` modules imported by then); it only
+    adds the attribute to records logged from an account's tasks.
 
     Args:
         accounts: one :class:`GatewayConfig` per account.
@@ -241,6 +281,7 @@ class GatewayFleet:
         if self._started:
             raise RuntimeError("a GatewayFleet runs once; make a new one")
         self._started = True
+        _tag_library_loggers()
         self._connector = aiohttp.TCPConnector(limit=0)  # no cap shared across accounts
         try:
             for account in self._accounts.values():
@@ -359,6 +400,7 @@ class GatewayFleet:
         until the account is removed or the fleet stops; stop it after any other."""
         log = account.log
         account_id = account.account_id
+        _ACCOUNT.set(account_id)  # this task's own context: its gateway's tasks inherit it
         failures = 0
         while not account.abort.is_set():
             try:

@@ -106,7 +106,7 @@ def fleet_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.
 async def test_accounts_reply_in_their_own_chats_and_stop_together(
     server: FakeParallServer, accounts: Accounts, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger=FLEET_LOGGER)
+    caplog.set_level(logging.INFO, logger="parall_bridge")
     ids = ["alpha", "beta", "gamma"]
     fleet = accounts.fleet([accounts.add(account_id) for account_id in ids])
     assert fleet.account_ids == tuple(ids)
@@ -117,6 +117,8 @@ async def test_accounts_reply_in_their_own_chats_and_stop_together(
         )
         posted = {account_id: accounts.post(account_id, f"hi {account_id}") for account_id in ids}
         await server.wait_for(lambda: all(accounts.acked(a) == 1 for a in ids))
+        # The server counts an ack before the gateway has read its answer.
+        await server.wait_for(lambda: fleet.stats()["totals"]["acks_sent"] == 3)
         for account_id in ids:
             runtime = accounts.runtime(account_id)
             assert runtime.texts() == [[f"hi {account_id}"]]
@@ -157,6 +159,18 @@ async def test_accounts_reply_in_their_own_chats_and_stop_together(
         named = getattr(record, "account_id", None)
         assert named in ids
         assert repr(named) in record.getMessage()
+    # And so do the records of each account's gateway, as an attribute.
+    authenticated: dict[str, str] = {
+        str(getattr(r, "account_id", None)): r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("authenticated as")
+    }
+    assert set(authenticated) == set(ids)
+    for account_id, message in authenticated.items():
+        assert accounts.agents[account_id].user_id in message
+    gateway_records = [r for r in caplog.records if r.name == "parall_bridge.gateway"]
+    assert gateway_records
+    assert all(getattr(r, "account_id", None) in ids for r in gateway_records)
 
 
 @pytest.mark.asyncio
@@ -324,8 +338,8 @@ async def test_a_hung_turn_slows_only_its_account(
             accounts.post("beta", f"b{n}")
             accounts.post("gamma", f"g{n}")
         await server.wait_for(lambda: accounts.acked("beta") == accounts.acked("gamma") == 3)
-        totals = fleet.stats()["totals"]
-        assert (totals["active_turns"], totals["turns_failed"]) == (1, 0)
+        await server.wait_for(lambda: fleet.stats()["totals"]["active_turns"] == 1)
+        assert fleet.stats()["totals"]["turns_failed"] == 0
         for account_id in ("beta", "gamma"):  # a chat's queued messages may share a turn
             texts = [text for turn in accounts.runtime(account_id).texts() for text in turn]
             assert texts == [f"{account_id[0]}{n}" for n in range(3)]
