@@ -422,3 +422,37 @@ async def test_an_empty_fleet_is_ready_and_stops(accounts: Accounts) -> None:
         assert set(fleet.stats()["totals"].values()) == {0}
     with pytest.raises(RuntimeError, match="runs once"):
         await fleet.start(asyncio.Event())
+
+
+@pytest.mark.asyncio
+async def test_a_wrong_agent_id_stops_its_account_without_a_traceback(
+    server: FakeParallServer, accounts: Accounts, caplog: pytest.LogCaptureFixture
+) -> None:
+    beta = accounts.add("beta")
+    alpha = accounts.add("alpha", agent_id=accounts.agents["beta"].user_id)
+    fleet = accounts.fleet([alpha, beta])
+    async with running_fleet(fleet):
+        stats = fleet.stats()["accounts"]
+        assert stats["alpha"]["state"] == "stopped"
+        assert (stats["alpha"]["reason"] or "").startswith("ConfigurationError: agent_id")
+        assert stats["beta"]["state"] == "running"
+        (error,) = fleet_records(caplog, logging.ERROR)
+        assert error.exc_info is None  # a refusal, not a crash: one line is enough
+
+
+@pytest.mark.asyncio
+async def test_cancelling_start_shuts_every_account_down(
+    server: FakeParallServer, accounts: Accounts
+) -> None:
+    before = library_tasks()
+    fleet = accounts.fleet([accounts.add("alpha"), accounts.add("beta")])
+    task = asyncio.get_running_loop().create_task(fleet.start(asyncio.Event()), name="test")
+    await asyncio.wait_for(fleet.wait_ready(), 10.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert library_tasks(before) == set()
+    assert fleet.stats()["totals"]["stopped"] == 2
+    assert all(
+        runtime.stopped for runtime in accounts.runtimes["alpha"] + accounts.runtimes["beta"]
+    )
