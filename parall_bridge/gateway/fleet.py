@@ -46,6 +46,7 @@ will not run again in this fleet: refused, failed, removed, or the fleet stopped
 ``not_held`` is kept for a shared store's leases, which this release does not have."""
 
 STATES: Final[tuple[AccountState, ...]] = ("running", "starting", "stopped", "not_held")
+"""Every :data:`AccountState`, in the order of :meth:`GatewayFleet.stats` ``totals``."""
 
 TOTALLED: Final = (
     "turns_started",
@@ -105,7 +106,9 @@ def _tag_library_loggers() -> None:
 
 
 FLEET_STOPPED: Final = "the fleet stopped"
+"""The ``reason`` of an account stopped by the fleet's shutdown."""
 REMOVED: Final = "removed from the fleet"
+"""The ``reason`` of an account stopped by :meth:`GatewayFleet.remove` (until it leaves)."""
 
 
 class AccountStats(TypedDict):
