@@ -29,14 +29,21 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 import attrs
 
 from ..errors import StateStoreError
 from .base import SourceRow, StateBatch, StateStore, StoredState, StoreIdentity, StoreMeta, TurnRow
 
-__all__ = ["MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "Migration", "PostgresStateStore"]
+__all__ = [
+    "MIGRATIONS",
+    "MIGRATION_LOCK",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "Migration",
+    "PostgresStateStore",
+]
 
 SCHEMA = "parall_bridge"
 """The PostgreSQL schema (namespace) that holds the store's tables (spelt out in the SQL)."""
@@ -416,24 +423,41 @@ def _turn_row(values: Mapping[str, Any]) -> TurnRow:
     )
 
 
+def _url_parts(dsn: str) -> SplitResult | None:
+    """The DSN as a ``postgres://`` or ``postgresql://`` URL, or ``None`` (asyncpg reads
+    no other form)."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return None
+    return parts if parts.scheme in ("postgres", "postgresql") else None
+
+
 def _secrets_of(dsn: str) -> tuple[str, ...]:
-    """The password(s) a DSN carries, as written and decoded (longest first)."""
+    """The password(s) a DSN carries, as written and decoded (longest first). A DSN that
+    is not a URL is a secret as a whole."""
+    parts = _url_parts(dsn)
+    if parts is None:
+        return (dsn,) if dsn else ()
     found: set[str] = set()
-    parts = urlsplit(dsn)
     userinfo, at, _ = parts.netloc.rpartition("@")
     if at:
         _, colon, password = userinfo.partition(":")
         if colon and password:
             found.update((password, unquote(password), quote(unquote(password), safe="")))
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name == "password" and value:
-            found.update((value, quote(value, safe="")))
+    for item in parts.query.split("&"):
+        name, _, value = item.partition("=")
+        if unquote(name) == "password" and value:
+            decoded = unquote(value.replace("+", " "))
+            found.update((value, unquote(value), decoded, quote(decoded, safe="")))
     return tuple(sorted((secret for secret in found if secret), key=len, reverse=True))
 
 
 def _describe(dsn: str) -> str:
     """The DSN without its password (in the user part or in the query)."""
-    parts = urlsplit(dsn)
+    parts = _url_parts(dsn)
+    if parts is None:
+        return "a PostgreSQL DSN that is not a postgresql:// URL (not shown)"
     userinfo, at, hosts = parts.netloc.rpartition("@")
     netloc = f"{userinfo.partition(':')[0]}@{hosts}" if at else hosts
     query = "&".join(

@@ -424,6 +424,26 @@ def test_the_description_keeps_everything_but_the_password() -> None:
     assert repr(store) == f"PostgresStateStore({store.description!r})"
     for dsn in ("postgresql://db.example/prll", "postgres:///prll?host=/run/pg"):
         assert PostgresStateStore(dsn).description == dsn
+    plus = PostgresStateStore("postgresql://db.example/prll?password=a+b%2Bc&user=u")
+    assert plus.description == "postgresql://db.example/prll?user=u"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=db.example user=bob password=kv-s3cret dbname=prll",  # libpq's other form
+        "mysql://bob:kv-s3cret@db.example/prll",
+        "postgresql://bob:kv-s3cret@[::1/prll",  # not even a URL
+    ],
+)
+async def test_a_dsn_that_is_not_a_postgresql_url_is_never_shown(dsn: str) -> None:
+    store = PostgresStateStore(dsn)
+    with pytest.raises(StateStoreError) as refused:
+        await store.open()
+    for text in (repr(store), store.description, str(refused.value)):
+        assert "kv-s3cret" not in text
+        assert "not shown" in text
 
 
 # --- the test server itself -------------------------------------------------------------
