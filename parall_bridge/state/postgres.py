@@ -230,9 +230,10 @@ class PostgresStateStore(StateStore):
                 f"state store {self._description} belongs to {self._owner.describe()}, "
                 f"not {identity.describe()}"
             )
-        url, org_id, agent_id = identity._agent()
+        # The account's key, as StoreIdentity.same_agent compares it.
+        key = (identity.parall_url.rstrip("/"), identity.org_id, identity.agent_id)
         async with self._errors("load"), self._connection() as conn, conn.transaction():
-            account = await conn.fetchrow(_BIND_ACCOUNT, url, org_id, agent_id, identity.account_id)
+            account = await conn.fetchrow(_BIND_ACCOUNT, *key, identity.account_id)
             assert account is not None  # RETURNING always gives the row
             sources = await conn.fetch(_SELECT_SOURCES, account["id"])
             turns = await conn.fetch(_SELECT_TURNS, account["id"])
