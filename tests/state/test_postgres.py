@@ -256,6 +256,50 @@ async def test_concurrent_opens_of_a_new_database_create_it_once(postgres_dsn: s
     assert await version_row(postgres_dsn) == [(1, 1)]
 
 
+OPEN_ON_GO = """
+import asyncio, sys
+from parall_bridge.state import PostgresStateStore
+
+async def main():
+    store = PostgresStateStore(sys.argv[1])
+    sys.stdin.readline()  # every process is up: open at once
+    async with store:
+        print("opened", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.asyncio
+async def test_processes_starting_at_once_on_a_new_database_all_open_it(
+    postgres_dsn: str,
+) -> None:
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            OPEN_ON_GO,
+            postgres_dsn,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(4)
+    ]
+    try:
+        outputs = await asyncio.wait_for(
+            asyncio.gather(*(proc.communicate(b"go\n") for proc in procs)), 60
+        )
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert (proc.returncode, out) == (0, b"opened\n"), err.decode()
+    assert await version_row(postgres_dsn) == [(1, 1)]
+
+
 @pytest.mark.asyncio
 async def test_concurrent_opens_migrate_once(
     postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
