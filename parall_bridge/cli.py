@@ -8,6 +8,10 @@
   until SIGINT or SIGTERM. It keeps a durable state file (``--state PATH``, else
   ``PRLL_STATE_PATH``, else ``./.parall_bridge/<agent id>.db``; ``--no-state`` keeps
   it in memory), so a restart never replies twice.
+  With ``--accounts FILE`` it runs a :class:`~parall_bridge.GatewayFleet` of the
+  accounts of a TOML file instead (:func:`~parall_bridge.gateway.accounts.load_accounts`),
+  each with its own runtime (a class or factory, called once per account), its state
+  file ``state_path``, else ``./.parall_bridge/<account id>.db``.
 - ``check``: check that configuration without running anything: the key and
   the agent, the platform config, the dispatch queue, a WebSocket ``hello``.
 - ``emulator``: serve the Parall emulator on a local port until interrupted
@@ -44,7 +48,8 @@ from . import protocol as p
 from ._retry import RetryPolicy
 from .client import ParallClient
 from .errors import ConfigurationError, ParallError
-from .gateway import Gateway, GatewayConfig
+from .gateway import Gateway, GatewayConfig, GatewayFleet
+from .gateway.accounts import load_accounts
 from .gateway.config import (
     ENV_AGENT_ID,
     ENV_API_KEY,
@@ -53,6 +58,7 @@ from .gateway.config import (
     ENV_STATE_PATH,
     ENV_WS_URL,
 )
+from .gateway.fleet import FLEET_STOPPED
 from .routing import RoutingStrategy, SerialRoutingStrategy
 from .runtime import AgentRuntime
 from .ws import ParallWs, ws_url_from_base
@@ -61,8 +67,10 @@ __all__ = [
     "check",
     "default_state_path",
     "load_runtime",
+    "load_runtime_factory",
     "main",
     "resolve_state_path",
+    "run_fleet",
     "run_gateway",
 ]
 
@@ -203,6 +211,35 @@ def load_runtime(spec: str) -> AgentRuntime:
     )
 
 
+def load_runtime_factory(spec: str) -> Callable[[GatewayConfig], AgentRuntime]:
+    """A factory of runtimes from ``"module:name"``, for a fleet: ``name`` must be an
+    :class:`AgentRuntime` class or a factory called without arguments, called once for
+    each run of each account (an instance cannot serve two accounts).
+
+    Raises:
+        ConfigurationError: as :func:`load_runtime`, or the name is an instance.
+    """
+    module_name, _, attribute = spec.partition(":")
+    if module_name and attribute:
+        try:
+            target: object = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError):
+            target = None  # load_runtime explains it below
+        if isinstance(target, AgentRuntime):
+            raise ConfigurationError(
+                f"{spec} is an instance: with --accounts each account needs its own "
+                "runtime, name a class or a factory"
+            )
+    load_runtime(spec)  # checks the spec makes a runtime, with its errors
+
+    def factory(config: GatewayConfig) -> AgentRuntime:
+        return load_runtime(spec)
+
+    return factory
+
+
 def default_state_path(agent_id: str, directory: str | os.PathLike[str] = STATE_DIR) -> str:
     """The state file ``run`` keeps for an agent by default: one per agent, named after
     its id, under ``./.parall_bridge/``."""
@@ -323,6 +360,50 @@ async def check(config: GatewayConfig, out: Callable[[str], None] = _print) -> i
     return EXIT_FAILED if failed else EXIT_OK
 
 
+async def run_fleet(
+    configs: Sequence[GatewayConfig],
+    runtime_factory: Callable[[GatewayConfig], AgentRuntime],
+    *,
+    routing_factory: Callable[[GatewayConfig], RoutingStrategy] | None = None,
+    stop: asyncio.Event | None = None,
+    out: Callable[[str], None] = _print,
+    durable: bool = True,
+) -> int:
+    """Run a fleet of ``configs`` until ``stop`` is set (SIGINT or SIGTERM when not
+    given); returns the exit status: 1 when an account stopped for an error (each such
+    account is said in one line), else 0.
+
+    With ``durable`` (the default) each account keeps its state in its ``state_path``,
+    else in ``./.parall_bridge/<account id>.db``; without, in memory."""
+    if stop is None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+    configs = [
+        attrs.evolve(
+            config,
+            state_path=(config.state_path or default_state_path(config.account_id))
+            if durable
+            else None,
+        )
+        for config in configs
+    ]
+    try:
+        fleet = GatewayFleet(configs, runtime_factory, routing_factory=routing_factory)
+    except ValueError as exc:
+        out(f"configuration error: {exc}")
+        return EXIT_USAGE
+    for config in configs:
+        where = config.state_path or "in memory"
+        out(f"account {config.account_id}: state {where}")
+    await fleet.start(stop)
+    status = EXIT_OK
+    for account_id, account in fleet.stats()["accounts"].items():
+        if account["reason"] not in (None, FLEET_STOPPED):
+            out(f"account {account_id} stopped: {account['reason']}")
+            status = EXIT_FAILED
+    return status
+
+
 def _environment_help(*, state: bool) -> str:
     """The ``PRLL_*`` variables a command reads, for its ``--help``."""
     lines = [
@@ -379,6 +460,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run.add_argument("runtime", help="MODULE:NAME of an AgentRuntime (class, instance, factory)")
     run.add_argument("--serial", action="store_true", help="never fork (SerialRoutingStrategy)")
+    run.add_argument(
+        "--accounts",
+        metavar="FILE",
+        help="run a fleet of the accounts of this TOML file (keys from the env vars it names)",
+    )
     state = run.add_mutually_exclusive_group()
     state.add_argument(
         "--state",
@@ -435,6 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return EXIT_USAGE
         return asyncio.run(_emulator(port, args.latency))
+    if getattr(args, "accounts", None):
+        return _run_accounts(args)
     try:
         overrides = {"state_path": args.state} if getattr(args, "state", None) else {}
         config = GatewayConfig.from_env(**overrides)
@@ -453,6 +541,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     routing = SerialRoutingStrategy() if args.serial else None
     return _run_abandoning(run_gateway(config, runtime, routing=routing, durable=not args.no_state))
+
+
+def _run_accounts(args: argparse.Namespace) -> int:
+    """``run --accounts FILE``: a fleet of the file's accounts."""
+    if args.state:
+        return _usage_error(
+            ConfigurationError("--state names one file: with --accounts, give state_path")
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        configs = load_accounts(args.accounts)
+        factory = load_runtime_factory(args.runtime)
+    except ConfigurationError as exc:
+        return _usage_error(exc)
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s [%(account_id)s]: %(message)s",
+            defaults={"account_id": "-"},  # a record of no account
+        )
+    )
+    logging.basicConfig(level=args.log_level, handlers=[handler])
+    routing = (lambda _: SerialRoutingStrategy()) if args.serial else None
+    return _run_abandoning(
+        run_fleet(configs, factory, routing_factory=routing, durable=not args.no_state)
+    )
 
 
 def _run_abandoning(main: Coroutine[Any, Any, int]) -> int:
