@@ -152,6 +152,7 @@ class _Connection(Protocol):
     async def fetchrow(self, query: str, *args: object) -> Mapping[str, Any] | None: ...
     async def fetchval(self, query: str, *args: object) -> Any: ...
     def transaction(self) -> AbstractAsyncContextManager[object]: ...
+    def terminate(self) -> None: ...
 
 
 class _Pool(Protocol):
@@ -183,6 +184,7 @@ class PostgresStateStore(StateStore):
         self._secrets = _secrets_of(dsn)
         self._description = _describe(dsn)
         self._pool: _Pool | None = None
+        self._server_error: type[Exception] = Exception  # asyncpg.PostgresError, once open
         self._owner: StoreIdentity | None = None
         self._account: int | None = None
 
@@ -202,6 +204,7 @@ class PostgresStateStore(StateStore):
                 f"state store {self._description}: PostgresStateStore needs asyncpg "
                 "(pip install 'parall-bridge[postgres]')"
             ) from None
+        self._server_error = asyncpg.PostgresError
         async with self._errors("open"):
             self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=2)
         try:
@@ -288,7 +291,16 @@ class PostgresStateStore(StateStore):
         if self._pool is None:
             raise StateStoreError(f"state store {self._description} is not open")
         async with self._pool.acquire() as conn:
-            yield conn
+            try:
+                yield conn
+            except self._server_error:
+                raise  # the server refused a statement: the connection is fine
+            except BaseException:
+                # Lost, or in a state the driver cannot vouch for (asyncpg's
+                # InternalClientError after the server ended the session): the pool
+                # must not hand it out again, so it is dropped and replaced.
+                conn.terminate()
+                raise
 
     @contextlib.asynccontextmanager
     async def _errors(self, what: str) -> AsyncIterator[None]:

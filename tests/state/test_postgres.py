@@ -182,8 +182,11 @@ async def test_a_dropped_connection_fails_one_write_and_the_next_one_reconnects(
                 failures.append(str(exc))
         assert len(failures) <= 1
         assert all("write failed" in failure for failure in failures)
+        for n in range(5):  # no broken connection was given back to the pool
+            await store.write(StateBatch(sources=(row(f"c{n}"),)))
         await store.release()
-        assert (await store.load(ADA)).sources == (row("a"), row("b"))
+        state = await store.load(ADA)
+        assert [source.key for source in state.sources] == ["a", "b", "c0", "c1", "c2", "c3", "c4"]
 
 
 # --- a gateway on it --------------------------------------------------------------------
