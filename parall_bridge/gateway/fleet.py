@@ -354,10 +354,17 @@ class GatewayFleet:
         account.stop_reason = REMOVED
         account.abort.set()
         task = account.task
-        if task is not None:
-            await asyncio.wait({task})  # the caller's cancellation does not cut it short
-        if self._accounts.get(account_id) is account:
-            del self._accounts[account_id]
+        if task is None or task.done():
+            self._forget(account)
+            return
+        # The account leaves when its gateway has stopped, even if this caller is
+        # cancelled meanwhile (else it would stay, stopped, its id never free again).
+        task.add_done_callback(lambda _: self._forget(account))
+        await asyncio.wait({task})
+
+    def _forget(self, account: _Account) -> None:
+        if self._accounts.get(account.account_id) is account:
+            del self._accounts[account.account_id]
             self._notify()
 
     # --- accounts -----------------------------------------------------------------------------

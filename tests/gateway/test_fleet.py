@@ -393,6 +393,36 @@ async def test_add_and_remove_while_running(server: FakeParallServer, accounts: 
         await fleet.add(accounts.add("late"))
 
 
+@pytest.mark.asyncio
+async def test_a_cancelled_remove_still_lets_the_account_leave(
+    server: FakeParallServer, accounts: Accounts
+) -> None:
+    hang = asyncio.Event()  # never set: alpha's turn holds its shutdown for its grace
+
+    async def hung(turn: Turn) -> str | None:
+        await hang.wait()
+        return "never"
+
+    accounts.make_runtime = lambda config: ScriptedRuntime(hung)
+    fleet = accounts.fleet([accounts.add("alpha", shutdown_grace=0.3, cancel_grace=0.1)])
+    async with running_fleet(fleet):
+        accounts.post("alpha", "take your time")
+        await accounts.runtime("alpha").turn_started.wait()
+        removing = asyncio.get_running_loop().create_task(fleet.remove("alpha"))
+        await asyncio.sleep(0.05)  # its gateway is shutting down, the turn holding it
+        assert not removing.done()
+        removing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await removing
+        # The gateway still stops, and the account still leaves: its id is free again.
+        await server.wait_for(lambda: fleet.account_ids == ())
+        assert accounts.runtime("alpha").stopped
+        accounts.make_runtime = lambda config: ScriptedRuntime()
+        await fleet.add(make_config(server, accounts.agents["alpha"], account_id="alpha"))
+        await asyncio.wait_for(fleet.wait_ready(), 10.0)
+        assert fleet.stats()["accounts"]["alpha"]["state"] == "running"
+
+
 # --- configuration -----------------------------------------------------------------------------
 
 
