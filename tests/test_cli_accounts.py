@@ -84,6 +84,8 @@ def test_an_accounts_file_gives_one_config_per_table(tmp_path: Path) -> None:
             "org_id and org_id_env both given",
         ),
         ('[a]\napi_key_env = "NOPE"\n', "environment variable NOPE \\(api_key\\) is missing"),
+        # The key itself where its variable's name goes: said, never shown.
+        ('[a]\napi_key_env = "pk_live_secret-Xy1"\n', "api_key_env names no variable that is set"),
         ('[a]\napi_key_env = "SUPPORT_KEY"\nmax_forks = -1\n', "account 'a': max_forks"),
         ("[a]\napi_key_env = 3\n", "api_key_env must name an environment variable"),
         ("a = 1\n", "'a' is not a table"),

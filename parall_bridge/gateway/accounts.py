@@ -19,6 +19,7 @@ name of a variable holding it. ``parall_url`` and ``org_id`` default to
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -74,6 +75,10 @@ def load_accounts(
     return configs
 
 
+_VARIABLE: Final = re.compile(r"[A-Z_][A-Z0-9_]*")
+"""What the name of an environment variable looks like (by convention: upper case)."""
+
+
 def _account(
     where: str, account_id: str, table: Mapping[str, Any], env: Mapping[str, str]
 ) -> GatewayConfig:
@@ -106,12 +111,18 @@ def _account(
         if field not in values and field not in named:
             named[field] = variable
     for field, variable in named.items():
-        value = env.get(variable, "").strip()
-        if not value:
+        text = env.get(variable, "").strip()
+        if not text:
+            if field == "api_key" and not _VARIABLE.fullmatch(variable):
+                # Likely the key itself written where its variable's name goes: not shown.
+                raise ConfigurationError(
+                    f"{what}: api_key_env names no variable that is set (the name is not "
+                    "shown: it does not look like one, is it the key itself?)"
+                )
             raise ConfigurationError(
                 f"{what}: environment variable {variable} ({field}) is missing or empty"
             )
-        values[field] = value
+        values[field] = text
     try:
         return GatewayConfig(account_id=account_id, **values)
     except ConfigurationError as exc:
