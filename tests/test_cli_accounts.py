@@ -72,6 +72,30 @@ def test_an_accounts_file_gives_one_config_per_table(tmp_path: Path) -> None:
     )
 
 
+def test_a_setting_from_a_variable_has_the_setting_type(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [support]
+        api_key_env = "SUPPORT_KEY"
+        shutdown_grace_env = "GRACE"
+        max_forks_env = "FORKS"
+        verify_tls_env = "VERIFY"
+        """,
+    )
+    env = {**ENV, "GRACE": "2.5", "FORKS": "0", "VERIFY": "false"}
+    (support,) = load_accounts(path, env)
+    assert (support.shutdown_grace, support.max_forks, support.verify_tls) == (2.5, 0, False)
+    for name, value, message in [
+        ("GRACE", "soon", "GRACE \\(shutdown_grace\\) must be a number"),
+        ("FORKS", "1.5", "FORKS \\(max_forks\\) must be an integer"),
+        ("VERIFY", "maybe", "VERIFY \\(verify_tls\\) must be true or false"),
+    ]:
+        with pytest.raises(ConfigurationError, match=message) as refused:
+            load_accounts(path, {**env, name: value})
+        assert value not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

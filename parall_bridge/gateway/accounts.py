@@ -3,7 +3,8 @@
 One table per account, named by its account id. Secrets are never written in
 the file: an account's API key comes from the environment variable its
 ``api_key_env`` names. Any other setting is a value, or ``<setting>_env``: the
-name of a variable holding it. ``parall_url`` and ``org_id`` default to
+name of a variable holding it (read as the setting's type: a number, an integer,
+or ``true``/``false``). ``parall_url`` and ``org_id`` default to
 ``PRLL_API_URL`` and ``PRLL_ORG_ID``::
 
     [support]
@@ -77,6 +78,29 @@ def load_accounts(
 
 _VARIABLE: Final = re.compile(r"[A-Z_][A-Z0-9_]*")
 """What the name of an environment variable looks like (by convention: upper case)."""
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _typed(field: attrs.Attribute[Any], text: str, what: str) -> Any:
+    """A variable's text as the setting's type (that of its default: a flag, an
+    integer, a number of seconds; else the text). The text is never shown."""
+    default = field.default
+    if isinstance(default, bool):
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigurationError(f"{what} ({field.name}) must be true or false")
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ConfigurationError(f"{what} ({field.name}) must be {kind}") from None
+    return text
 
 
 def _account(
@@ -110,6 +134,7 @@ def _account(
     for field, variable in FROM_ENV_BY_DEFAULT.items():
         if field not in values and field not in named:
             named[field] = variable
+    types = {field.name: field for field in attrs.fields(GatewayConfig)}
     for field, variable in named.items():
         text = env.get(variable, "").strip()
         if not text:
@@ -122,7 +147,7 @@ def _account(
             raise ConfigurationError(
                 f"{what}: environment variable {variable} ({field}) is missing or empty"
             )
-        values[field] = text
+        values[field] = _typed(types[field], text, f"{what}: environment variable {variable}")
     try:
         return GatewayConfig(account_id=account_id, **values)
     except ConfigurationError as exc:
