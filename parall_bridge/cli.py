@@ -217,7 +217,8 @@ def load_runtime_factory(spec: str) -> Callable[[GatewayConfig], AgentRuntime]:
     each run of each account (an instance cannot serve two accounts).
 
     Raises:
-        ConfigurationError: as :func:`load_runtime`, or the name is an instance.
+        ConfigurationError: as :func:`load_runtime`, or the name is an instance or a
+            factory giving the same instance each time.
     """
     module_name, _, attribute = spec.partition(":")
     if module_name and attribute:
@@ -232,7 +233,12 @@ def load_runtime_factory(spec: str) -> Callable[[GatewayConfig], AgentRuntime]:
                 f"{spec} is an instance: with --accounts each account needs its own "
                 "runtime, name a class or a factory"
             )
-    load_runtime(spec)  # checks the spec makes a runtime, with its errors
+    probe = load_runtime(spec)  # checks the spec makes a runtime, with its errors
+    if load_runtime(spec) is probe:  # a factory of one shared runtime: accounts would mix
+        raise ConfigurationError(
+            f"{spec} gives the same runtime each time: with --accounts each account needs "
+            "its own runtime, name a class or a factory of new ones"
+        )
 
     def factory(config: GatewayConfig) -> AgentRuntime:
         return load_runtime(spec)

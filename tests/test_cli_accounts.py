@@ -49,6 +49,11 @@ def make_runtime() -> FleetRuntime:
 INSTANCE = FleetRuntime()
 
 
+def the_instance() -> FleetRuntime:
+    """A factory of one shared runtime: fine for ``run``, not for a fleet."""
+    return INSTANCE
+
+
 def test_an_accounts_file_gives_one_config_per_table(tmp_path: Path) -> None:
     path = write(
         tmp_path,
@@ -138,6 +143,8 @@ def test_a_fleet_needs_a_runtime_class_or_factory() -> None:
     assert first is not second
     with pytest.raises(ConfigurationError, match="is an instance"):
         load_runtime_factory(f"{__name__}:INSTANCE")
+    with pytest.raises(ConfigurationError, match="gives the same runtime each time"):
+        load_runtime_factory(f"{__name__}:the_instance")
     with pytest.raises(ConfigurationError, match="has no 'Missing'"):
         load_runtime_factory(f"{__name__}:Missing")
 
