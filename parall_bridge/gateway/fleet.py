@@ -251,6 +251,7 @@ class GatewayFleet:
         self._runners = TaskSet(_log)
         self._connector: aiohttp.TCPConnector | None = None
         self._started = False
+        self._abort: asyncio.Event | None = None
         self._stopping = False
         self._changed = asyncio.Event()
 
@@ -284,6 +285,7 @@ class GatewayFleet:
         if self._started:
             raise RuntimeError("a GatewayFleet runs once; make a new one")
         self._started = True
+        self._abort = abort_event
         _tag_library_loggers()
         self._connector = aiohttp.TCPConnector(limit=0)  # no cap shared across accounts
         try:
@@ -336,7 +338,8 @@ class GatewayFleet:
                 while an account of that id is being removed).
             RuntimeError: the fleet is shutting down or has stopped.
         """
-        if self._stopping:
+        if self._stopping or (self._abort is not None and self._abort.is_set()):
+            # Once abort is set, before start() has woken up to it too.
             raise RuntimeError("the fleet is shutting down: no account can be added")
         account = self._admit(config)
         if self._started:

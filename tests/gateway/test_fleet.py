@@ -423,6 +423,22 @@ async def test_a_cancelled_remove_still_lets_the_account_leave(
         assert fleet.stats()["accounts"]["alpha"]["state"] == "running"
 
 
+@pytest.mark.asyncio
+async def test_no_account_is_added_once_abort_is_set(accounts: Accounts) -> None:
+    fleet = accounts.fleet([accounts.add("alpha")])
+    abort = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(fleet.start(abort), name="test-fleet")
+    await asyncio.wait_for(fleet.wait_ready(), 10.0)
+    abort.set()  # start() has not woken up to it yet: the fleet is shutting down all the same
+    try:
+        with pytest.raises(RuntimeError, match="shutting down"):
+            await fleet.add(accounts.add("late"))
+    finally:
+        await asyncio.wait_for(task, 30.0)
+    assert fleet.account_ids == ("alpha",)
+    assert "late" not in accounts.runtimes
+
+
 # --- configuration -----------------------------------------------------------------------------
 
 
