@@ -16,6 +16,7 @@ __all__ = [
     "BadRequestError",
     "ConfigurationError",
     "ConflictError",
+    "LeaseLost",
     "NotFoundError",
     "PaginationError",
     "ParallAPIError",
@@ -236,4 +237,15 @@ class StateStoreError(ParallError):
 
     The message names the store (its file, for SQLite) and the account; it never
     holds a secret.
+    """
+
+
+class LeaseLost(StateStoreError):
+    """A store's account lease is no longer its own: another holder took it over (a new
+    epoch), it expired, or it was released; or the store takes leases and holds none.
+
+    Raised by :meth:`~parall_bridge.state.PostgresStateStore.renew_lease`, and by every
+    write of a store that holds a lease once that lease is lost (fencing): the write was
+    refused in its own transaction and nothing of it was applied. It is final for that
+    lease: trying again does not help, only acquiring the account's lease again does.
     """

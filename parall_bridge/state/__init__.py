@@ -18,10 +18,11 @@ from .base import (
     TurnRow,
 )
 from .memory import MemoryStateStore
-from .postgres import PostgresStateStore
+from .postgres import Lease, PostgresStateStore
 from .sqlite import SqliteStateStore
 
 __all__ = [
+    "Lease",
     "MemoryStateStore",
     "PostgresStateStore",
     "SourceRow",

@@ -12,8 +12,15 @@ an older database is migrated on open (:data:`MIGRATIONS`, run under a
 PostgreSQL advisory lock, so processes that start at once migrate it once); a
 database that needs newer code is refused and left as it is.
 
-Not there yet: account leases (at most one process per account across
-machines) come with the fleet. Until then, run each account in one process at a
+Account leases (:meth:`~PostgresStateStore.acquire_lease`): at most one holder
+per account at any moment, across processes and machines. A lease row per account
+(platform URL, org, agent id) names its holder, an epoch bumped on every new
+acquisition, and an expiry in the database's clock. Once a store object holds a
+lease, every write it makes is fenced: checked against the lease row in its own
+transaction and refused with :class:`~parall_bridge.errors.LeaseLost` (nothing
+applied) once another holder took the account over or the lease expired. A store
+object that never takes a lease writes as before (one process per account). The
+fleet does not take leases yet: until it does, run each account in one process at a
 time.
 
 The DSN's password is never shown: :attr:`~PostgresStateStore.description`,
@@ -26,6 +33,11 @@ opens, never by ``import parall_bridge``.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import math
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
@@ -33,7 +45,7 @@ from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 import attrs
 
-from ..errors import StateStoreError
+from ..errors import LeaseLost, StateStoreError
 from .base import SourceRow, StateBatch, StateStore, StoredState, StoreIdentity, StoreMeta, TurnRow
 
 __all__ = [
@@ -41,6 +53,7 @@ __all__ = [
     "MIGRATION_LOCK",
     "SCHEMA",
     "SCHEMA_VERSION",
+    "Lease",
     "Migration",
     "PostgresStateStore",
 ]
@@ -48,7 +61,7 @@ __all__ = [
 SCHEMA = "parall_bridge"
 """The PostgreSQL schema (namespace) that holds the store's tables (spelt out in the SQL)."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema version this code reads and writes."""
 
 MIGRATION_LOCK = (0x50524C4C, 1)
@@ -75,7 +88,16 @@ class Migration:
     oldest_reader: int | None = None
 
 
-MIGRATIONS: dict[int, Migration] = {}
+MIGRATIONS: dict[int, Migration] = {
+    # 1 -> 2: account leases (additive: version 1 code ignores the table).
+    1: Migration(
+        """CREATE TABLE parall_bridge.leases (
+            parall_url text NOT NULL, org_id text NOT NULL, agent_id text NOT NULL,
+            holder text NOT NULL, epoch bigint NOT NULL, expires_at timestamptz NOT NULL,
+            acquired_at timestamptz NOT NULL,
+            PRIMARY KEY (parall_url, org_id, agent_id))"""
+    ),
+}
 """Version ``N`` -> the :class:`Migration` that upgrades a database from ``N`` to ``N + 1``.
 
 On open, under :data:`MIGRATION_LOCK`, an older database runs every step up to
@@ -141,6 +163,72 @@ _SELECT_SOURCES = """SELECT key, source_type, source_id, origin, state, attempts
     FROM parall_bridge.sources WHERE account = $1 ORDER BY ord, seq"""
 _SELECT_TURNS = """SELECT turn_id, keys, session_key, prefix, attempt, state, ord
     FROM parall_bridge.turns WHERE account = $1 ORDER BY ord, seq"""
+# Leases: every time is the server's (clock_timestamp(): the moment of the statement).
+# A new acquisition (free, expired, or released) bumps the epoch; the holder's own live
+# lease is renewed as it is; another holder's live lease is left alone (no row returned).
+_ACQUIRE_LEASE = """INSERT INTO parall_bridge.leases AS lease (parall_url, org_id, agent_id,
+        holder, epoch, expires_at, acquired_at)
+    VALUES ($1, $2, $3, $4, 1, clock_timestamp() + make_interval(secs => $5),
+        clock_timestamp())
+    ON CONFLICT (parall_url, org_id, agent_id) DO UPDATE SET holder = excluded.holder,
+        epoch = CASE WHEN lease.expires_at > clock_timestamp() THEN lease.epoch
+            ELSE lease.epoch + 1 END,
+        acquired_at = CASE WHEN lease.expires_at > clock_timestamp() THEN lease.acquired_at
+            ELSE excluded.acquired_at END,
+        expires_at = excluded.expires_at
+    WHERE lease.expires_at <= clock_timestamp() OR lease.holder = excluded.holder
+    RETURNING holder, epoch, expires_at"""
+_RENEW_LEASE = """UPDATE parall_bridge.leases
+    SET expires_at = clock_timestamp() + make_interval(secs => $6)
+    WHERE parall_url = $1 AND org_id = $2 AND agent_id = $3 AND holder = $4 AND epoch = $5
+        AND expires_at > clock_timestamp()
+    RETURNING holder, epoch, expires_at"""
+_RELEASE_LEASE = """UPDATE parall_bridge.leases SET expires_at = clock_timestamp()
+    WHERE parall_url = $1 AND org_id = $2 AND agent_id = $3 AND holder = $4 AND epoch = $5
+        AND expires_at > clock_timestamp()"""
+# The fence: first statement of a fenced transaction. FOR SHARE holds the row until the
+# transaction ends, so a takeover (an UPDATE of the row) waits for the write to commit
+# and the new holder reads it; a write that starts after the takeover finds no row.
+_FENCE = """SELECT 1 FROM parall_bridge.leases
+    WHERE parall_url = $1 AND org_id = $2 AND agent_id = $3 AND holder = $4 AND epoch = $5
+        AND expires_at > clock_timestamp()
+    FOR SHARE"""
+
+
+@attrs.frozen
+class Lease:
+    """An account's lease, as a store acquired or renewed it
+    (:meth:`PostgresStateStore.acquire_lease`).
+
+    Attributes:
+        parall_url: the platform's API base URL (without a trailing slash).
+        org_id: the organisation.
+        agent_id: the agent's user id.
+        holder: who holds it (the store's :attr:`~PostgresStateStore.holder`).
+        epoch: bumped on every new acquisition of the account's lease (never on a
+            renewal): a write fenced by an older epoch is refused.
+        expires_at: when it expires unless renewed, in the database server's clock
+            (timezone-aware); compare it with the server's time, not this machine's.
+    """
+
+    parall_url: str
+    org_id: str
+    agent_id: str
+    holder: str
+    epoch: int
+    expires_at: datetime.datetime
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """The account it is for: platform URL, org, agent id."""
+        return (self.parall_url, self.org_id, self.agent_id)
+
+    def describe(self) -> str:
+        """A one-line description for logs and errors."""
+        return (
+            f"lease of agent {self.agent_id} of {self.org_id} at {self.parall_url} "
+            f"(holder {self.holder!r}, epoch {self.epoch})"
+        )
 
 
 class _Connection(Protocol):
@@ -171,15 +259,36 @@ class PostgresStateStore(StateStore):
             (asyncpg's form; the password may also come from ``PGPASSWORD`` or a
             ``.pgpass`` file). It is never shown: :attr:`description` leaves the
             password out.
+        lease_ttl: seconds an account lease lasts unless renewed
+            (:meth:`acquire_lease`); renew well within it (a third of it, say).
+        holder: who this object is when it holds a lease (logged, and stored in the
+            lease row); by default unique to the object: ``hostname:pid:random``.
 
     The object is one account's view of the database: its first :meth:`load` binds it to
     that agent (platform URL, org, agent id), and it refuses another agent after that, as
     a SQLite file does. Several objects on one database serve several accounts, each
     seeing only its own rows.
+
+    Leases and fencing: an object that never calls :meth:`acquire_lease` writes as a
+    single process would, unfenced (run each account in one process at a time). Once it
+    called :meth:`acquire_lease`, it is fenced for good: :meth:`load` and every
+    :meth:`write` check, in their own transaction, that its lease is still its own at
+    its epoch and not expired, and raise :class:`~parall_bridge.errors.LeaseLost`
+    without applying anything otherwise (also after :meth:`release_lease`, and while
+    :meth:`acquire_lease` found the account held by another). A gateway on such a store
+    sends no reply and no ack after its lease is lost: both wait on a durable write.
     """
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, lease_ttl: float = 30.0, holder: str | None = None) -> None:
+        if not (math.isfinite(lease_ttl) and lease_ttl > 0):
+            raise ValueError(f"lease_ttl must be a positive number of seconds, not {lease_ttl!r}")
+        if holder is not None and not holder:
+            raise ValueError("holder must not be empty")
         super().__init__()
+        self._lease_ttl = float(lease_ttl)
+        self._holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._fenced = False
+        self._lease: Lease | None = None
         self._dsn = dsn
         self._secrets = _secrets_of(dsn)
         self._description = _describe(dsn)
@@ -193,8 +302,127 @@ class PostgresStateStore(StateStore):
         """The database's URL without its password."""
         return self._description
 
+    @property
+    def holder(self) -> str:
+        """Who this object is in the lease rows it takes."""
+        return self._holder
+
+    @property
+    def lease_ttl(self) -> float:
+        """Seconds a lease lasts unless renewed."""
+        return self._lease_ttl
+
+    @property
+    def lease(self) -> Lease | None:
+        """The lease its writes are fenced by, as last acquired or renewed (it may have
+        been lost since: only the database knows), or ``None``."""
+        return self._lease
+
     def __repr__(self) -> str:
         return f"PostgresStateStore({self._description!r})"
+
+    # --- leases ---------------------------------------------------------------------------
+
+    async def acquire_lease(self, parall_url: str, org_id: str, agent_id: str) -> Lease | None:
+        """Take the account's lease, if it is free or expired (a new epoch), or renew it if
+        this object's holder has it already (the same epoch).
+
+        From the first call on, this object's writes are fenced by the lease it holds
+        (see the class); the account must be the one the object is bound to, if any.
+
+        Returns:
+            The lease, or ``None`` when another holder has a live lease on the account
+            (this object's writes are refused meanwhile).
+
+        Raises:
+            StateStoreError: the store is not open, is bound to another agent, or the
+                database failed.
+        """
+        key = self._lease_key(parall_url, org_id, agent_id)
+        self._fenced = True
+        async with self._errors("acquire a lease"), self._connection() as conn:
+            row = await conn.fetchrow(_ACQUIRE_LEASE, *key, self._holder, self._lease_ttl)
+        if row is None:
+            return None
+        lease = Lease(
+            *key, holder=row["holder"], epoch=int(row["epoch"]), expires_at=row["expires_at"]
+        )
+        self._lease = lease
+        return lease
+
+    async def renew_lease(self, lease: Lease) -> Lease:
+        """Extend ``lease`` by :attr:`lease_ttl` from now (the same epoch).
+
+        Raises:
+            LeaseLost: it is no longer this holder's at that epoch, or it expired.
+            StateStoreError: the store is not open, or the database failed.
+        """
+        self._check_holder(lease)
+        async with self._errors("renew a lease"), self._connection() as conn:
+            row = await conn.fetchrow(
+                _RENEW_LEASE, *lease.key, lease.holder, lease.epoch, self._lease_ttl
+            )
+        if row is None:
+            raise LeaseLost(
+                f"state store {self._description}: {lease.describe()} was lost (expired, "
+                "released, or taken over)"
+            )
+        renewed = attrs.evolve(lease, expires_at=row["expires_at"])
+        if self._lease is not None and self._lease.key == lease.key:
+            self._lease = renewed
+        return renewed
+
+    async def release_lease(self, lease: Lease) -> None:
+        """Let another holder take the account at once (its lease expires now). A lease
+        already lost is left alone. This object's writes are refused from now on, until
+        it acquires the lease again.
+
+        Raises:
+            StateStoreError: the store is not open, or the database failed.
+        """
+        self._check_holder(lease)
+        async with self._errors("release a lease"), self._connection() as conn:
+            await conn.execute(_RELEASE_LEASE, *lease.key, lease.holder, lease.epoch)
+
+    def _lease_key(self, parall_url: str, org_id: str, agent_id: str) -> tuple[str, str, str]:
+        key = (parall_url.rstrip("/"), org_id, agent_id)
+        owner = self._owner._agent() if self._owner is not None else None
+        held = self._lease.key if self._lease is not None else None
+        for bound in (owner, held):
+            if bound is not None and bound != key:
+                raise StateStoreError(
+                    f"state store {self._description} is the view of agent {bound[2]} of "
+                    f"{bound[1]} at {bound[0]}; it cannot take the lease of agent {agent_id} "
+                    f"of {org_id} at {parall_url} (use another store object)"
+                )
+        return key
+
+    def _check_holder(self, lease: Lease) -> None:
+        if lease.holder != self._holder:
+            raise StateStoreError(
+                f"state store {self._description}: {lease.describe()} belongs to another "
+                f"holder than this store's ({self._holder!r})"
+            )
+
+    async def _fence(self, conn: _Connection, key: tuple[str, str, str]) -> None:
+        """In a fenced object's transaction: refuse it unless its lease is still its own,
+        at its epoch and live (the row stays locked until the transaction ends)."""
+        lease = self._lease
+        if lease is None:
+            raise LeaseLost(
+                f"state store {self._description} holds no lease on agent {key[2]} of "
+                f"{key[1]} at {key[0]} (another holder has it): nothing was written"
+            )
+        if lease.key != key:
+            raise StateStoreError(
+                f"state store {self._description}: its {lease.describe()} is not for agent "
+                f"{key[2]} of {key[1]} at {key[0]}"
+            )
+        if await conn.fetchval(_FENCE, *key, lease.holder, lease.epoch) is None:
+            raise LeaseLost(
+                f"state store {self._description}: {lease.describe()} was lost (expired, "
+                "released, or taken over): nothing was written"
+            )
 
     async def _open_store(self) -> None:
         try:
@@ -236,6 +464,8 @@ class PostgresStateStore(StateStore):
         # The account's key, as StoreIdentity.same_agent compares it.
         key = (identity.parall_url.rstrip("/"), identity.org_id, identity.agent_id)
         async with self._errors("load"), self._connection() as conn, conn.transaction():
+            if self._fenced:
+                await self._fence(conn, key)
             account = await conn.fetchrow(_BIND_ACCOUNT, *key, identity.account_id)
             assert account is not None  # RETURNING always gives the row
             sources = await conn.fetch(_SELECT_SOURCES, account["id"])
@@ -257,6 +487,9 @@ class PostgresStateStore(StateStore):
         if account is None:
             raise StateStoreError(f"state store {self._description} is not loaded by a gateway")
         async with self._errors("write"), self._connection() as conn, conn.transaction():
+            if self._fenced:
+                assert self._owner is not None  # loaded: _account is set
+                await self._fence(conn, self._owner._agent())
             if batch.deleted_sources:
                 await conn.executemany(
                     _DELETE_SOURCE, [(account, key) for key in batch.deleted_sources]
@@ -293,8 +526,8 @@ class PostgresStateStore(StateStore):
         async with self._pool.acquire() as conn:
             try:
                 yield conn
-            except self._server_error:
-                raise  # the server refused a statement: the connection is fine
+            except (self._server_error, StateStoreError):
+                raise  # the server refused a statement, or the store did: the connection is fine
             except BaseException:
                 # Lost, or in a state the driver cannot vouch for (asyncpg's
                 # InternalClientError after the server ended the session): the pool

@@ -39,6 +39,10 @@ BOB = StoreIdentity(parall_url=URL, org_id="org_1", agent_id="agent_2", account_
 OTHER_ORG = StoreIdentity(parall_url=URL, org_id="org_2", agent_id="agent_1")
 OTHER_URL = StoreIdentity(parall_url="https://other.example", org_id="org_1", agent_id="agent_1")
 ADD_NOTE = Migration(("ALTER TABLE parall_bridge.sources ADD COLUMN note text",))
+CURRENT = pg_store.SCHEMA_VERSION
+"""The schema version of this code; the tests below add steps after it."""
+WITH_NOTE = {**pg_store.MIGRATIONS, CURRENT: ADD_NOTE}
+"""This code's migrations, then ``ADD_NOTE`` (to ``CURRENT + 1``)."""
 
 
 def row(key: str, **fields: object) -> SourceRow:
@@ -246,7 +250,13 @@ async def test_a_new_database_gets_the_schema_and_its_version(postgres_dsn: str)
         postgres_dsn,
         "SELECT tablename FROM pg_tables WHERE schemaname = 'parall_bridge' ORDER BY 1",
     )
-    assert tables == [("accounts",), ("schema_version",), ("sources",), ("turns",)]
+    assert tables == [
+        ("accounts",),
+        ("leases",),
+        ("schema_version",),
+        ("sources",),
+        ("turns",),
+    ]
 
 
 @pytest.mark.asyncio
@@ -256,7 +266,7 @@ async def test_concurrent_opens_of_a_new_database_create_it_once(postgres_dsn: s
         await asyncio.gather(*(store.open() for store in stores))
     finally:
         await asyncio.gather(*(store.close() for store in stores))
-    assert await version_row(postgres_dsn) == [(1, 1)]
+    assert await version_row(postgres_dsn) == [(CURRENT, 1)]
 
 
 OPEN_ON_GO = """
@@ -300,7 +310,7 @@ async def test_processes_starting_at_once_on_a_new_database_all_open_it(
                 await proc.wait()
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert (proc.returncode, out) == (0, b"opened\n"), err.decode()
-    assert await version_row(postgres_dsn) == [(1, 1)]
+    assert await version_row(postgres_dsn) == [(CURRENT, 1)]
 
 
 @pytest.mark.asyncio
@@ -310,14 +320,14 @@ async def test_concurrent_opens_migrate_once(
     async with PostgresStateStore(postgres_dsn):
         pass
     # A step that fails if it runs twice: only the advisory lock keeps it to once.
-    monkeypatch.setattr(pg_store, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(pg_store, "MIGRATIONS", {1: ADD_NOTE})
+    monkeypatch.setattr(pg_store, "SCHEMA_VERSION", CURRENT + 1)
+    monkeypatch.setattr(pg_store, "MIGRATIONS", WITH_NOTE)
     stores = [PostgresStateStore(postgres_dsn) for _ in range(8)]
     try:
         await asyncio.gather(*(store.open() for store in stores))
     finally:
         await asyncio.gather(*(store.close() for store in stores))
-    assert await version_row(postgres_dsn) == [(2, 1)]
+    assert await version_row(postgres_dsn) == [(CURRENT + 1, 1)]
 
 
 @pytest.mark.asyncio
@@ -328,18 +338,18 @@ async def test_an_additive_migration_keeps_older_code_running(
         await store.load(ADA)
         await store.write(StateBatch(sources=(row("old"),)))
     with monkeypatch.context() as newer:
-        newer.setattr(pg_store, "SCHEMA_VERSION", 2)
-        newer.setattr(pg_store, "MIGRATIONS", {1: ADD_NOTE})
+        newer.setattr(pg_store, "SCHEMA_VERSION", CURRENT + 1)
+        newer.setattr(pg_store, "MIGRATIONS", WITH_NOTE)
         async with PostgresStateStore(postgres_dsn) as store:
             assert (await store.load(ADA)).sources == (row("old"),)
             await store.write(StateBatch(sources=(row("new"),)))
-    assert await version_row(postgres_dsn) == [(2, 1)]
+    assert await version_row(postgres_dsn) == [(CURRENT + 1, 1)]
     # The previous version (a rolling deploy's old processes) still reads and writes it,
     # and leaves its version alone.
     async with PostgresStateStore(postgres_dsn) as store:
         assert (await store.load(ADA)).sources == (row("old"), row("new"))
         await store.write(StateBatch(deleted_sources=("old",)))
-    assert await version_row(postgres_dsn) == [(2, 1)]
+    assert await version_row(postgres_dsn) == [(CURRENT + 1, 1)]
 
 
 @pytest.mark.asyncio
@@ -349,14 +359,15 @@ async def test_a_database_that_needs_newer_code_is_refused_and_left_as_it_is(
     async with PostgresStateStore(postgres_dsn) as store:
         await store.load(ADA)
         await store.write(StateBatch(sources=(row("a"),)))
-    breaking = Migration(("ALTER TABLE parall_bridge.sources DROP COLUMN origin",), 3)
+    newest_version = CURRENT + 2
+    breaking = Migration(("ALTER TABLE parall_bridge.sources DROP COLUMN origin",), newest_version)
     with monkeypatch.context() as newest:
-        newest.setattr(pg_store, "SCHEMA_VERSION", 3)
-        newest.setattr(pg_store, "MIGRATIONS", {1: ADD_NOTE, 2: breaking})
+        newest.setattr(pg_store, "SCHEMA_VERSION", newest_version)
+        newest.setattr(pg_store, "MIGRATIONS", {**WITH_NOTE, CURRENT + 1: breaking})
         async with PostgresStateStore(postgres_dsn):
             pass
-    assert await version_row(postgres_dsn) == [(3, 3)]
-    for version in (1, 2):
+    assert await version_row(postgres_dsn) == [(newest_version, newest_version)]
+    for version in (CURRENT, CURRENT + 1):
         monkeypatch.setattr(pg_store, "SCHEMA_VERSION", version)
         store = PostgresStateStore(postgres_dsn)
         with pytest.raises(StateStoreError) as refused:
@@ -364,11 +375,12 @@ async def test_a_database_that_needs_newer_code_is_refused_and_left_as_it_is(
         assert not store.is_open
         message = str(refused.value)
         assert "needs a newer parall_bridge" in message
-        assert f"can be used from schema version 3 on; this version knows up to {version}" in (
-            message
-        )
+        assert (
+            f"can be used from schema version {newest_version} on; this version knows up "
+            f"to {version}"
+        ) in message
         assert "left as it is" in message
-    assert await version_row(postgres_dsn) == [(3, 3)]
+    assert await version_row(postgres_dsn) == [(newest_version, newest_version)]
 
 
 @pytest.mark.asyncio
@@ -377,11 +389,12 @@ async def test_a_missing_migration_step_is_an_error_and_changes_nothing(
 ) -> None:
     async with PostgresStateStore(postgres_dsn):
         pass
-    monkeypatch.setattr(pg_store, "SCHEMA_VERSION", 3)
-    monkeypatch.setattr(pg_store, "MIGRATIONS", {1: ADD_NOTE})
-    with pytest.raises(StateStoreError, match="no migration from schema version 2 to 3"):
+    monkeypatch.setattr(pg_store, "SCHEMA_VERSION", CURRENT + 2)
+    monkeypatch.setattr(pg_store, "MIGRATIONS", WITH_NOTE)
+    missing = f"no migration from schema version {CURRENT + 1} to {CURRENT + 2}"
+    with pytest.raises(StateStoreError, match=missing):
         await PostgresStateStore(postgres_dsn).open()
-    assert await version_row(postgres_dsn) == [(1, 1)]
+    assert await version_row(postgres_dsn) == [(CURRENT, 1)]
     columns = await query(
         postgres_dsn,
         "SELECT 1 FROM information_schema.columns WHERE table_schema = 'parall_bridge' "

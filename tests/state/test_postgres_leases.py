@@ -1,0 +1,339 @@
+"""Account leases and fencing of the PostgreSQL store, against a real server
+(tests/state/conftest.py): at most one holder per account, epochs bumped on every new
+acquisition, expiry in the database's clock, and writes of a stale holder refused in
+their own transaction with nothing applied."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg  # type: ignore[import-untyped]  # asyncpg has no type hints
+import pytest
+import pytest_asyncio
+
+from parall_bridge import LeaseLost
+from parall_bridge.errors import StateStoreError
+from parall_bridge.state import (
+    Lease,
+    PostgresStateStore,
+    SourceRow,
+    StateBatch,
+    StoreIdentity,
+    StoreMeta,
+    TurnRow,
+)
+from parall_bridge.state import postgres as pg_store
+
+URL = "https://parall.example/api"
+ADA = StoreIdentity(parall_url=URL, org_id="org_1", agent_id="agent_1", account_id="ada")
+BOB = StoreIdentity(parall_url=URL, org_id="org_1", agent_id="agent_2", account_id="bob")
+ADA_KEY = (URL, "org_1", "agent_1")
+BOB_KEY = (URL, "org_1", "agent_2")
+SHORT_TTL = 0.2
+
+
+def row(key: str, **fields: object) -> SourceRow:
+    base: dict[str, object] = {
+        "source_type": "message",
+        "source_id": f"src-{key}",
+        "origin": "live",
+        "state": "queued",
+    }
+    return SourceRow(key=key, **(base | fields))  # type: ignore[arg-type]
+
+
+async def query(dsn: str, sql: str, *args: object) -> list[tuple[object, ...]]:
+    """Rows of ``sql``, read on a connection of the test's own."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [tuple(record) for record in await conn.fetch(sql, *args)]
+    finally:
+        await conn.close()
+
+
+async def lease_rows(dsn: str) -> list[tuple[object, ...]]:
+    return await query(
+        dsn,
+        "SELECT parall_url, org_id, agent_id, holder, epoch FROM parall_bridge.leases "
+        "ORDER BY agent_id",
+    )
+
+
+async def acquire_within(
+    store: PostgresStateStore, key: Sequence[str], timeout: float = 10.0
+) -> Lease:
+    """Poll :meth:`acquire_lease` until it succeeds (a lease of another expiring)."""
+    async with asyncio.timeout(timeout):
+        while True:  # the expiry is in the database's clock: poll it, with a deadline
+            lease = await store.acquire_lease(*key)
+            if lease is not None:
+                return lease
+            await asyncio.sleep(0.02)
+
+
+@pytest_asyncio.fixture
+async def stores(postgres_dsn: str) -> AsyncIterator[list[PostgresStateStore]]:
+    """Two open store objects on one database (two processes, say): holders ``one``,
+    ``two``, with a short lease."""
+    opened = [
+        PostgresStateStore(postgres_dsn, lease_ttl=SHORT_TTL, holder=name)
+        for name in ("one", "two")
+    ]
+    await asyncio.gather(*(store.open() for store in opened))
+    try:
+        yield opened
+    finally:
+        await asyncio.gather(*(store.close() for store in opened))
+
+
+# --- acquiring --------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_free_lease_is_taken_at_epoch_1_expiring_in_the_servers_clock(
+    postgres_dsn: str,
+) -> None:
+    async with PostgresStateStore(postgres_dsn, lease_ttl=30.0) as store:
+        assert store.lease is None
+        lease = await store.acquire_lease(URL + "/", "org_1", "agent_1")  # trailing slash
+        assert lease is not None
+        assert (lease.key, lease.holder, lease.epoch) == (ADA_KEY, store.holder, 1)
+        assert store.lease == lease
+        ((server_now,),) = await query(postgres_dsn, "SELECT clock_timestamp()")
+        assert isinstance(server_now, datetime.datetime)
+        remaining = (lease.expires_at - server_now).total_seconds()
+        assert 25.0 < remaining <= 30.0
+        assert await lease_rows(postgres_dsn) == [(*ADA_KEY, store.holder, 1)]
+        # Taking one's own live lease again renews it: the same epoch, a later expiry.
+        again = await store.acquire_lease(*ADA_KEY)
+        assert again is not None
+        assert again.epoch == 1
+        assert again.expires_at >= lease.expires_at
+        renewed = await store.renew_lease(again)
+        assert (renewed.epoch, store.lease) == (1, renewed)
+        assert renewed.expires_at >= again.expires_at
+
+
+def test_the_default_holder_is_unique_to_the_object() -> None:
+    first, second = (PostgresStateStore("postgresql://h/db") for _ in range(2))
+    assert first.holder != second.holder
+    assert first.holder.count(":") >= 2  # hostname:pid:random
+    assert PostgresStateStore("postgresql://h/db", holder="web-1").holder == "web-1"
+    for ttl in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lease_ttl"):
+            PostgresStateStore("postgresql://h/db", lease_ttl=ttl)
+
+
+@pytest.mark.asyncio
+async def test_a_live_lease_of_another_holder_is_not_taken(
+    stores: list[PostgresStateStore], postgres_dsn: str
+) -> None:
+    one, two = stores
+    # A long lease for one: two may try as often as it likes while it lives.
+    async with PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="one") as long_one:
+        lease = await long_one.acquire_lease(*ADA_KEY)
+        assert lease is not None
+        for _ in range(3):
+            assert await two.acquire_lease(*ADA_KEY) is None
+        assert await lease_rows(postgres_dsn) == [(*ADA_KEY, "one", 1)]
+        # Two found the account held: it writes nothing, not even its load.
+        with pytest.raises(LeaseLost, match="holds no lease"):
+            await two.load(ADA)
+    assert one.lease is None
+
+
+@pytest.mark.asyncio
+async def test_leases_of_two_accounts_are_independent(
+    stores: list[PostgresStateStore], postgres_dsn: str
+) -> None:
+    one, two = stores
+    ada = await one.acquire_lease(*ADA_KEY)
+    bob = await two.acquire_lease(*BOB_KEY)
+    assert ada is not None
+    assert bob is not None
+    assert (ada.epoch, bob.epoch) == (1, 1)
+    await one.load(ADA)
+    await two.load(BOB)
+    await one.write(StateBatch(sources=(row("a"),)))
+    await two.write(StateBatch(sources=(row("b"),)))
+    await one.release_lease(ada)  # releasing one account leaves the other alone
+    await two.write(StateBatch(sources=(row("b2"),)))
+    assert await two.renew_lease(bob) is not None
+    assert await lease_rows(postgres_dsn) == [(*ADA_KEY, "one", 1), (*BOB_KEY, "two", 1)]
+
+
+@pytest.mark.asyncio
+async def test_a_store_takes_the_lease_of_its_own_agent_only(postgres_dsn: str) -> None:
+    async with PostgresStateStore(postgres_dsn) as ada_store:
+        await ada_store.load(ADA)
+        with pytest.raises(StateStoreError, match="cannot take the lease of agent agent_2"):
+            await ada_store.acquire_lease(*BOB_KEY)
+        assert await ada_store.acquire_lease(*ADA_KEY) is not None
+    async with PostgresStateStore(postgres_dsn) as bob_store:
+        assert await bob_store.acquire_lease(*BOB_KEY) is not None
+        with pytest.raises(StateStoreError, match="not for agent agent_1"):
+            await bob_store.load(ADA)  # its lease is Bob's
+    assert await lease_rows(postgres_dsn) == [
+        (*ADA_KEY, ada_store.holder, 1),
+        (*BOB_KEY, bob_store.holder, 1),
+    ]
+
+
+@pytest.mark.asyncio
+async def test_concurrent_acquires_from_8_store_objects_have_one_winner(
+    postgres_dsn: str,
+) -> None:
+    contenders = [PostgresStateStore(postgres_dsn, lease_ttl=30.0) for _ in range(8)]
+    await asyncio.gather(*(store.open() for store in contenders))
+    try:
+        got = await asyncio.gather(*(store.acquire_lease(*ADA_KEY) for store in contenders))
+    finally:
+        await asyncio.gather(*(store.close() for store in contenders))
+    winners = [lease for lease in got if lease is not None]
+    assert len(winners) == 1
+    assert winners[0].epoch == 1
+    assert await lease_rows(postgres_dsn) == [(*ADA_KEY, winners[0].holder, 1)]
+
+
+# --- expiry, takeover and fencing -------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_an_expired_lease_is_taken_over_and_the_old_holder_is_fenced(
+    stores: list[PostgresStateStore], postgres_dsn: str
+) -> None:
+    one, two = stores
+    old = await one.acquire_lease(*ADA_KEY)
+    assert old is not None
+    await one.load(ADA)
+    await one.write(StateBatch(sources=(row("before"),), meta=StoreMeta(last_seq=1)))
+    # One pauses (no renewal): two takes the account over once the lease expired.
+    new = await acquire_within(two, ADA_KEY)
+    assert (new.holder, new.epoch) == ("two", old.epoch + 1)
+    state = await two.load(ADA)
+    assert (state.sources, state.meta.last_seq) == ((row("before"),), 1)
+    # One wakes up: every write is refused, and nothing of it is applied.
+    stale = StateBatch(
+        sources=(row("stale"),),
+        deleted_sources=("before",),
+        turns=(TurnRow("t", ("stale",), "s"),),
+        meta=StoreMeta(last_seq=99),
+    )
+    for _ in range(2):  # refused again and again: the lease is gone for good
+        with pytest.raises(LeaseLost, match="epoch 1\\) was lost") as refused:
+            await one.write(stale)
+        assert isinstance(refused.value, StateStoreError)
+    with pytest.raises(LeaseLost):
+        await one.renew_lease(old)
+    await one.release_lease(old)  # already lost: leaves the new holder's lease alone
+    assert await lease_rows(postgres_dsn) == [(*ADA_KEY, "two", 2)]
+    # Taking its own lease again while two holds it: refused, still fenced.
+    assert await one.acquire_lease(*ADA_KEY) is None
+    with pytest.raises(LeaseLost):
+        await one.write(stale)
+    # The new holder writes, and reads back only its own writes.
+    await two.write(StateBatch(sources=(row("after"),)))
+    await two.release()
+    state = await two.load(ADA)
+    assert [source.key for source in state.sources] == ["before", "after"]
+    assert (state.turns, state.meta.last_seq) == ((), 1)
+    # The old holder's connections are still good (a refusal is not a broken connection).
+    await one.release()
+    with pytest.raises(LeaseLost):
+        await one.load(ADA)
+
+
+@pytest.mark.asyncio
+async def test_a_lease_that_expired_without_a_taker_fences_its_holder_until_taken_again(
+    stores: list[PostgresStateStore],
+) -> None:
+    one, _ = stores
+    lease = await one.acquire_lease(*ADA_KEY)
+    assert lease is not None
+    await one.load(ADA)
+    await one.write(StateBatch(sources=(row("a"),)))
+    async with asyncio.timeout(10.0):  # wait for the expiry: poll a write until refused
+        while True:
+            try:
+                await one.write(StateBatch(sources=(row("a"),)))
+            except LeaseLost:
+                break
+            await asyncio.sleep(0.02)
+    with pytest.raises(LeaseLost):
+        await one.renew_lease(lease)
+    again = await one.acquire_lease(*ADA_KEY)  # its own, expired: a new acquisition
+    assert again is not None
+    assert again.epoch == lease.epoch + 1
+    with pytest.raises(LeaseLost):  # the old epoch is dead for good
+        await one.renew_lease(lease)
+    await one.write(StateBatch(sources=(row("b"),)))
+
+
+@pytest.mark.asyncio
+async def test_a_released_lease_is_taken_at_once_by_another(postgres_dsn: str) -> None:
+    one = PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="one")
+    two = PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="two")
+    async with one, two:
+        lease = await one.acquire_lease(*ADA_KEY)
+        assert lease is not None
+        await one.load(ADA)
+        await one.write(StateBatch(sources=(row("a"),)))
+        assert await two.acquire_lease(*ADA_KEY) is None
+        await one.release_lease(lease)
+        taken = await two.acquire_lease(*ADA_KEY)  # no wait for the 30 s
+        assert taken is not None
+        assert (taken.holder, taken.epoch) == ("two", 2)
+        with pytest.raises(LeaseLost):  # the releaser writes nothing after its release
+            await one.write(StateBatch(sources=(row("late"),)))
+        assert [source.key for source in (await two.load(ADA)).sources] == ["a"]
+        await one.release_lease(lease)  # a second release changes nothing
+        assert await lease_rows(postgres_dsn) == [(*ADA_KEY, "two", 2)]
+        assert await two.renew_lease(taken) is not None
+
+
+@pytest.mark.asyncio
+async def test_a_store_without_a_lease_writes_as_before(postgres_dsn: str) -> None:
+    """Single-process use: an object that never takes a lease is never fenced."""
+    async with PostgresStateStore(postgres_dsn) as store:
+        await store.load(ADA)
+        await store.write(StateBatch(sources=(row("a"),)))
+        assert store.lease is None
+    assert await lease_rows(postgres_dsn) == []
+
+
+# --- schema ------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_database_of_the_previous_version_gains_leases_and_old_code_still_opens_it(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert pg_store.SCHEMA_VERSION == 2
+    assert pg_store.MIGRATIONS[1].oldest_reader is None  # additive
+    with monkeypatch.context() as previous:
+        previous.setattr(pg_store, "SCHEMA_VERSION", 1)
+        previous.setattr(pg_store, "MIGRATIONS", {})
+        async with PostgresStateStore(postgres_dsn) as store:
+            await store.load(ADA)
+            await store.write(StateBatch(sources=(row("old"),), meta=StoreMeta(last_seq=3)))
+    version = "SELECT version, oldest_reader FROM parall_bridge.schema_version"
+    assert await query(postgres_dsn, version) == [(1, 1)]
+    assert await query(postgres_dsn, "SELECT to_regclass('parall_bridge.leases')") == [(None,)]
+    async with PostgresStateStore(postgres_dsn, lease_ttl=30.0) as store:
+        lease = await store.acquire_lease(*ADA_KEY)
+        assert lease is not None
+        state = await store.load(ADA)
+        assert (state.sources, state.meta.last_seq) == ((row("old"),), 3)
+        await store.write(StateBatch(sources=(row("new"),)))
+        await store.release_lease(lease)
+    assert await query(postgres_dsn, version) == [(2, 1)]
+    # A process of the previous version (a rolling deploy) still opens, reads and writes it.
+    with monkeypatch.context() as previous:
+        previous.setattr(pg_store, "SCHEMA_VERSION", 1)
+        previous.setattr(pg_store, "MIGRATIONS", {})
+        async with PostgresStateStore(postgres_dsn) as store:
+            assert [source.key for source in (await store.load(ADA)).sources] == ["old", "new"]
+            await store.write(StateBatch(deleted_sources=("old",)))
+    assert await query(postgres_dsn, version) == [(2, 1)]
