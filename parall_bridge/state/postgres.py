@@ -275,8 +275,11 @@ class PostgresStateStore(StateStore):
     :meth:`write` check, in their own transaction, that its lease is still its own at
     its epoch and not expired, and raise :class:`~parall_bridge.errors.LeaseLost`
     without applying anything otherwise (also after :meth:`release_lease`, and while
-    :meth:`acquire_lease` found the account held by another). A gateway on such a store
-    sends no reply and no ack after its lease is lost: both wait on a durable write.
+    :meth:`acquire_lease` found the account held by another). A lease lost and then
+    acquired again (a new epoch) does not revive the writes of what was loaded before:
+    they stay refused until :meth:`load` runs again (another holder may have run the
+    account meanwhile). A gateway on such a store sends no reply and no ack after its
+    lease is lost: both wait on a durable write.
     """
 
     def __init__(self, dsn: str, *, lease_ttl: float = 30.0, holder: str | None = None) -> None:
@@ -288,6 +291,7 @@ class PostgresStateStore(StateStore):
         self._lease_ttl = float(lease_ttl)
         self._holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._fenced = False
+        self._loaded_epoch: int | None = None  # the lease epoch its load ran under
         self._lease: Lease | None = None
         self._dsn = dsn
         self._secrets = _secrets_of(dsn)
@@ -404,9 +408,12 @@ class PostgresStateStore(StateStore):
                 f"holder than this store's ({self._holder!r})"
             )
 
-    async def _fence(self, conn: _Connection, key: tuple[str, str, str]) -> None:
+    async def _fence(
+        self, conn: _Connection, key: tuple[str, str, str], epoch: int | None = None
+    ) -> None:
         """In a fenced object's transaction: refuse it unless its lease is still its own,
-        at its epoch and live (the row stays locked until the transaction ends)."""
+        at its epoch (``epoch``, when given: the one the store was loaded under) and live
+        (the row stays locked until the transaction ends)."""
         lease = self._lease
         if lease is None:
             raise LeaseLost(
@@ -417,6 +424,13 @@ class PostgresStateStore(StateStore):
             raise StateStoreError(
                 f"state store {self._description}: its {lease.describe()} is not for agent "
                 f"{key[2]} of {key[1]} at {key[0]}"
+            )
+        if epoch is not None and epoch != lease.epoch:
+            # Lost, then acquired again: what the gateway holds in memory was read under
+            # the old epoch and may be stale (another holder ran the account meanwhile).
+            raise LeaseLost(
+                f"state store {self._description} was loaded under epoch {epoch} of its "
+                f"lease, now at epoch {lease.epoch}: load it again (nothing was written)"
             )
         if await conn.fetchval(_FENCE, *key, lease.holder, lease.epoch) is None:
             raise LeaseLost(
@@ -466,12 +480,17 @@ class PostgresStateStore(StateStore):
         async with self._errors("load"), self._connection() as conn, conn.transaction():
             if self._fenced:
                 await self._fence(conn, key)
+                assert self._lease is not None  # the fence passed
+                loaded_epoch: int | None = self._lease.epoch
+            else:
+                loaded_epoch = None
             account = await conn.fetchrow(_BIND_ACCOUNT, *key, identity.account_id)
             assert account is not None  # RETURNING always gives the row
             sources = await conn.fetch(_SELECT_SOURCES, account["id"])
             turns = await conn.fetch(_SELECT_TURNS, account["id"])
         self._owner = self._owner or identity
         self._account = int(account["id"])
+        self._loaded_epoch = loaded_epoch
         return StoredState(
             sources=tuple(_source_row(row) for row in sources),
             turns=tuple(_turn_row(row) for row in turns),
@@ -489,7 +508,7 @@ class PostgresStateStore(StateStore):
         async with self._errors("write"), self._connection() as conn, conn.transaction():
             if self._fenced:
                 assert self._owner is not None  # loaded: _account is set
-                await self._fence(conn, self._owner._agent())
+                await self._fence(conn, self._owner._agent(), self._loaded_epoch)
             if batch.deleted_sources:
                 await conn.executemany(
                     _DELETE_SOURCE, [(account, key) for key in batch.deleted_sources]

@@ -15,6 +15,8 @@ import pytest_asyncio
 
 from parall_bridge import LeaseLost
 from parall_bridge.errors import StateStoreError
+from parall_bridge.models import Chat, User
+from parall_bridge.runtime import Turn
 from parall_bridge.state import (
     Lease,
     PostgresStateStore,
@@ -25,6 +27,9 @@ from parall_bridge.state import (
     TurnRow,
 )
 from parall_bridge.state import postgres as pg_store
+from parall_bridge.testing import AgentAccount, FakeParallServer
+
+from ..gateway._harness import ScriptedRuntime, running
 
 URL = "https://parall.example/api"
 ADA = StoreIdentity(parall_url=URL, org_id="org_1", agent_id="agent_1", account_id="ada")
@@ -246,7 +251,7 @@ async def test_an_expired_lease_is_taken_over_and_the_old_holder_is_fenced(
 
 
 @pytest.mark.asyncio
-async def test_a_lease_that_expired_without_a_taker_fences_its_holder_until_taken_again(
+async def test_a_lease_that_expired_without_a_taker_fences_its_holder_until_taken_and_loaded_again(
     stores: list[PostgresStateStore],
 ) -> None:
     one, _ = stores
@@ -268,6 +273,11 @@ async def test_a_lease_that_expired_without_a_taker_fences_its_holder_until_take
     assert again.epoch == lease.epoch + 1
     with pytest.raises(LeaseLost):  # the old epoch is dead for good
         await one.renew_lease(lease)
+    # What was loaded under the old epoch may be stale: writes wait for a new load.
+    with pytest.raises(LeaseLost, match="loaded under epoch 1 of its lease, now at epoch 2"):
+        await one.write(StateBatch(sources=(row("b"),)))
+    await one.release()
+    assert [source.key for source in (await one.load(ADA)).sources] == ["a"]
     await one.write(StateBatch(sources=(row("b"),)))
 
 
@@ -301,6 +311,70 @@ async def test_a_store_without_a_lease_writes_as_before(postgres_dsn: str) -> No
         await store.write(StateBatch(sources=(row("a"),)))
         assert store.lease is None
     assert await lease_rows(postgres_dsn) == []
+
+
+# --- a gateway on a fenced store ----------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_gateway_whose_store_lost_its_lease_posts_no_reply_and_acks_nothing(
+    postgres_dsn: str,
+    server: FakeParallServer,
+    agent: AgentAccount,
+    ada: User,
+    room: Chat,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A process paused past its lease's time to live wakes up after another took its
+    account over: its turn runs, but its reply waits on a fenced write that is refused,
+    so nothing is posted and nothing acked (the new holder runs the event instead)."""
+
+    async def reply(turn: Turn) -> str | None:
+        await turn.send_message(f"re {turn.event.text}")
+        return "ok"
+
+    def replies() -> list[str]:
+        return [
+            m.content.text  # type: ignore[union-attr]
+            for m in server.messages(room.id)
+            if m.sender_id == agent.user_id
+        ]
+
+    key = (server.url, server.org_id, agent.user_id)
+    paused = PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="paused")
+    taker = PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="taker")
+    runtime = ScriptedRuntime(reply)
+    async with paused, taker:
+        assert await paused.acquire_lease(*key) is not None
+        async with running(server, agent, runtime, store=paused, shutdown_grace=0.3) as run:
+            server.post_message(room.id, ada.id, "one")
+            await run.wait_for(lambda: replies() == ["re one"] and not run.pending())
+            # The pause outlives the lease (expired in the server's clock); another
+            # process takes the account over.
+            await query(
+                postgres_dsn, "UPDATE parall_bridge.leases SET expires_at = clock_timestamp()"
+            )
+            taken = await taker.acquire_lease(*key)
+            assert taken is not None
+            assert taken.epoch == 2
+            failures_before = run.gateway.stats().store_failures
+            server.post_message(room.id, ada.id, "two")
+            await run.wait_for(
+                lambda: (
+                    len(runtime.finished) == 2
+                    and run.gateway.stats().store_failures > failures_before
+                )
+            )
+            assert [turn.event.text for turn in runtime.finished] == ["one", "two"]
+            assert replies() == ["re one"]
+            assert len(run.pending()) == 1  # "two" is not acked
+        assert replies() == ["re one"]
+        assert len(run.pending()) == 1
+        lost = [r for r in caplog.records if "was lost" in r.getMessage()]
+        assert lost, "the persister logs the refused writes"
+        # The new holder finds what the paused one wrote while it held the lease.
+        state = await taker.load(StoreIdentity(*key))
+        assert state.meta.last_seq > 0
 
 
 # --- schema ------------------------------------------------------------------------------
