@@ -10,7 +10,11 @@ turn starts waits for it.
 
 A failed write is logged and tried again (with backoff); what waits on it
 fails with the :class:`~parall_bridge.StateStoreError` meanwhile, so no send or
-ack goes out on a state that is not on disk.
+ack goes out on a state that is not on disk. A write refused because the store's
+account lease was lost (:class:`~parall_bridge.LeaseLost`) is final: it is not
+tried again, every wait fails with it from then on, and shutdown does not wait
+for the store (:attr:`Persister.lease_lost`; whoever holds the lease stops the
+gateway).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Final
 
 import attrs
 
-from ..errors import StateStoreError
+from ..errors import LeaseLost, StateStoreError
 from ..state.base import StateStore, StoreMeta
 from .ledger import Ledger
 
@@ -70,6 +74,7 @@ class Persister:
         self._durable_version = ledger.version if not ledger.dirty else -1
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._error: StateStoreError | None = None
+        self._lost: LeaseLost | None = None
         self._task: asyncio.Task[None] | None = None
         self.writes = 0
         self.failures = 0
@@ -78,6 +83,12 @@ class Persister:
     def store(self) -> StateStore:
         """The store written to."""
         return self._store
+
+    @property
+    def lease_lost(self) -> LeaseLost | None:
+        """The refusal of a write because the store's lease was lost, if one was: nothing
+        is written after it."""
+        return self._lost
 
     @property
     def meta(self) -> StoreMeta:
@@ -166,6 +177,9 @@ class Persister:
                         await self._urgent.wait()
             self._wake.clear()
             self._urgent.clear()
+            if self._lost is not None:
+                self._settle_waiters(self._lost)
+                continue  # final: nothing is written any more
             if not await self.flush_once():
                 failures += 1
                 delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS)) - 1]
@@ -177,6 +191,8 @@ class Persister:
     async def flush_once(self) -> bool:
         """Write what changed, in one transaction; returns whether it succeeded (or there
         was nothing to write)."""
+        if self._lost is not None:
+            return False
         ledger = self._ledger
         version = ledger.version
         batch = ledger.changes(now=self._clock(), wall=time.time())
@@ -205,7 +221,11 @@ class Persister:
                 )
             )
             self._error = error
-            _log.error("%s (tried again)", str(error))
+            if isinstance(error, LeaseLost):
+                self._lost = error
+                _log.error("%s (not tried again: the lease is lost)", str(error))
+            else:
+                _log.error("%s (tried again)", str(error))
             self._settle_waiters(error)
             return False
         self.writes += 1
@@ -227,15 +247,19 @@ class Persister:
         ok = False
         try:
             async with asyncio.timeout(within):
-                while not ok:
+                while not ok and self._lost is None:
                     ok = await self.flush_once()
-                    if not ok:
+                    if not ok and self._lost is None:
                         await asyncio.sleep(RETRY_DELAYS[0])
         except TimeoutError:
             _log.error("state store %s: the last changes were not written", self._store.description)
-        self._settle_waiters(
-            None if ok else StateStoreError(f"state store {self._store.description} is closed")
-        )
+        if self._lost is not None:
+            _log.error(
+                "state store %s: the last changes were not written (its lease is lost)",
+                self._store.description,
+            )
+        closed = self._lost or StateStoreError(f"state store {self._store.description} is closed")
+        self._settle_waiters(None if ok else closed)
         for _, future in self._waiters:
             if not future.done():
                 future.set_exception(

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from parall_bridge import StateStoreError
+from parall_bridge import LeaseLost, StateStoreError
 from parall_bridge.events import EventOrigin, ParallEvent
 from parall_bridge.gateway.ledger import Ledger
 from parall_bridge.gateway.persist import Persister
@@ -103,6 +103,48 @@ async def test_a_failing_store_fails_the_waits_until_a_write_succeeds() -> None:
         assert state.sources[0].state == "queued"
     finally:
         await persister.close(5)
+
+
+class LostLeaseStore(FlakyStore):
+    """A store whose lease was taken over after ``ok`` writes: every write after is
+    refused (the PostgreSQL store's fencing)."""
+
+    def __init__(self, ok: int) -> None:
+        super().__init__()
+        self.ok = ok
+        self.refused = 0
+
+    async def _write(self, batch: StateBatch) -> None:
+        if self.ok <= 0:
+            self.refused += 1
+            raise LeaseLost("state store fenced: lease of agent usr_bot (epoch 1) was lost")
+        self.ok -= 1
+        await super()._write(batch)
+
+
+@pytest.mark.asyncio
+async def test_a_lost_lease_is_final_no_retry_every_wait_fails_and_close_does_not_wait() -> None:
+    store = LostLeaseStore(ok=1)
+    ledger = Ledger(capacity=10, max_attempts=3, retry_base=1.0)
+    persister = await started(store, ledger)
+    claim_and_queue(ledger, "msg_1")
+    await asyncio.wait_for(persister.durable(ledger.version), 5)
+    assert persister.lease_lost is None
+    claim_and_queue(ledger, "msg_2")
+    with pytest.raises(LeaseLost, match="was lost"):
+        await asyncio.wait_for(persister.durable(ledger.version), 5)
+    lost = persister.lease_lost
+    assert isinstance(lost, LeaseLost)
+    # Every later wait fails at once with it; nothing is tried again.
+    claim_and_queue(ledger, "msg_3")
+    with pytest.raises(LeaseLost):
+        await asyncio.wait_for(persister.durable(ledger.version), 5)
+    assert store.refused == 1
+    started_at = time.monotonic()
+    assert not await persister.close(10)
+    assert time.monotonic() - started_at < 5  # shutdown does not wait for the store
+    assert store.refused == 1
+    assert [row.key for row in (await store._load(IDENTITY)).sources] == ["msg_1"]
 
 
 @pytest.mark.asyncio
