@@ -78,6 +78,15 @@ async def acquire_within(
             await asyncio.sleep(0.02)
 
 
+async def until_the_server_says(conn: asyncpg.Connection, sql: str, timeout: float = 10.0) -> None:
+    """Poll a yes-or-no query of the server's state, with a deadline."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if await conn.fetchval(sql):
+                return
+            await asyncio.sleep(0.02)
+
+
 @pytest_asyncio.fixture
 async def stores(postgres_dsn: str) -> AsyncIterator[list[PostgresStateStore]]:
     """Two open store objects on one database (two processes, say): holders ``one``,
@@ -248,6 +257,49 @@ async def test_an_expired_lease_is_taken_over_and_the_old_holder_is_fenced(
     await one.release()
     with pytest.raises(LeaseLost):
         await one.load(ADA)
+
+
+@pytest.mark.asyncio
+async def test_a_takeover_waits_for_a_fenced_write_in_flight(
+    stores: list[PostgresStateStore], postgres_dsn: str
+) -> None:
+    """A write that passed the fence holds the lease row (FOR SHARE) until it commits: a
+    takeover that comes meanwhile, even once the lease expired, waits for it, so the new
+    holder always reads what the old one committed."""
+    one, two = stores
+    lease = await one.acquire_lease(*ADA_KEY)
+    assert lease is not None
+    in_flight = await asyncpg.connect(postgres_dsn)
+    watcher = await asyncpg.connect(postgres_dsn)
+    taking: asyncio.Task[Lease | None] | None = None
+    try:
+        write = in_flight.transaction()
+        await write.start()
+        passed = await in_flight.fetchval(pg_store._FENCE, *ADA_KEY, lease.holder, lease.epoch)
+        assert passed == 1
+        taking = asyncio.get_running_loop().create_task(
+            two.acquire_lease(*ADA_KEY), name="test-takeover"
+        )
+        # The taker waits on the row lock (asked of the server), and the lease expires.
+        await until_the_server_says(
+            watcher,
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'",
+        )
+        await until_the_server_says(
+            watcher, "SELECT expires_at <= clock_timestamp() FROM parall_bridge.leases"
+        )
+        assert not taking.done()
+        await write.commit()
+        taken = await asyncio.wait_for(taking, 10.0)
+        assert taken is not None
+        assert (taken.holder, taken.epoch) == ("two", 2)
+    finally:
+        if taking is not None and not taking.done():
+            taking.cancel()
+            await asyncio.gather(taking, return_exceptions=True)
+        await in_flight.close()
+        await watcher.close()
 
 
 @pytest.mark.asyncio
