@@ -162,12 +162,12 @@ async def test_soak_smoke() -> None:
 
 @pytest.mark.asyncio
 async def test_crash_soak_smoke() -> None:
-    """30 seconds of the crash soak: a gateway process with a SQLite state file, killed
+    """12 seconds of the crash soak: a gateway process with a SQLite state file, killed
     with SIGKILL at random moments and restarted: no second reply, nothing lost, nothing
     acked without a turn."""
-    report = await crash_soak(30.0, messages=60, chats=6, tasks=4, kills=6, seed=3)
-    assert report.kills >= 6
-    assert report.events == 64
+    report = await crash_soak(12.0, messages=30, chats=5, tasks=3, kills=4, seed=3)
+    assert report.kills >= 4
+    assert report.events == 33
     assert report.ok, report.lines()
     assert report.pending_at_end == 0
     assert report.final_exit == 0
