@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from parall_bridge.state import SourceRow
+
 ADMIN = "postgres"
 """The cluster's superuser (trust authentication over the socket)."""
 
@@ -221,3 +223,25 @@ class PostgresServer:
                 f"\n{server_log}",
                 pytrace=False,
             )
+
+
+def row(key: str, **fields: object) -> SourceRow:
+    """A source row of ``key``: a queued live message unless ``fields`` say otherwise."""
+    base: dict[str, object] = {
+        "source_type": "message",
+        "source_id": f"src-{key}",
+        "origin": "live",
+        "state": "queued",
+    }
+    return SourceRow(key=key, **(base | fields))  # type: ignore[arg-type]
+
+
+async def query(dsn: str, sql: str, *args: object) -> list[tuple[object, ...]]:
+    """Rows of ``sql``, read on a connection of the test's own."""
+    import asyncpg  # here: PostgresServer says when it is missing
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [tuple(record) for record in await conn.fetch(sql, *args)]
+    finally:
+        await conn.close()

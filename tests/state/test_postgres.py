@@ -19,7 +19,6 @@ from parall_bridge.models import Chat, User
 from parall_bridge.runtime import Turn
 from parall_bridge.state import (
     PostgresStateStore,
-    SourceRow,
     StateBatch,
     StoreIdentity,
     StoreMeta,
@@ -31,7 +30,7 @@ from parall_bridge.testing import AgentAccount, FakeParallServer
 
 from ..gateway._harness import Gate, ScriptedRuntime, running
 from . import _postgres
-from ._postgres import SECRET_PASSWORD, SECRET_USER, PostgresServer
+from ._postgres import SECRET_PASSWORD, SECRET_USER, PostgresServer, query, row
 
 URL = "https://parall.example/api"
 ADA = StoreIdentity(parall_url=URL, org_id="org_1", agent_id="agent_1", account_id="ada")
@@ -43,25 +42,6 @@ CURRENT = pg_store.SCHEMA_VERSION
 """The schema version of this code; the tests below add steps after it."""
 WITH_NOTE = {**pg_store.MIGRATIONS, CURRENT: ADD_NOTE}
 """This code's migrations, then ``ADD_NOTE`` (to ``CURRENT + 1``)."""
-
-
-def row(key: str, **fields: object) -> SourceRow:
-    base: dict[str, object] = {
-        "source_type": "message",
-        "source_id": f"src-{key}",
-        "origin": "live",
-        "state": "queued",
-    }
-    return SourceRow(key=key, **(base | fields))  # type: ignore[arg-type]
-
-
-async def query(dsn: str, sql: str, *args: object) -> list[tuple[object, ...]]:
-    """Rows of ``sql``, read on a connection of the test's own."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        return [tuple(record) for record in await conn.fetch(sql, *args)]
-    finally:
-        await conn.close()
 
 
 async def version_row(dsn: str) -> list[tuple[object, ...]]:

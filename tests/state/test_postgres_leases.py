@@ -20,7 +20,6 @@ from parall_bridge.runtime import Turn
 from parall_bridge.state import (
     Lease,
     PostgresStateStore,
-    SourceRow,
     StateBatch,
     StoreIdentity,
     StoreMeta,
@@ -30,6 +29,7 @@ from parall_bridge.state import postgres as pg_store
 from parall_bridge.testing import AgentAccount, FakeParallServer
 
 from ..gateway._harness import ScriptedRuntime, running
+from ._postgres import query, row
 
 URL = "https://parall.example/api"
 ADA = StoreIdentity(parall_url=URL, org_id="org_1", agent_id="agent_1", account_id="ada")
@@ -37,25 +37,6 @@ BOB = StoreIdentity(parall_url=URL, org_id="org_1", agent_id="agent_2", account_
 ADA_KEY = (URL, "org_1", "agent_1")
 BOB_KEY = (URL, "org_1", "agent_2")
 SHORT_TTL = 0.2
-
-
-def row(key: str, **fields: object) -> SourceRow:
-    base: dict[str, object] = {
-        "source_type": "message",
-        "source_id": f"src-{key}",
-        "origin": "live",
-        "state": "queued",
-    }
-    return SourceRow(key=key, **(base | fields))  # type: ignore[arg-type]
-
-
-async def query(dsn: str, sql: str, *args: object) -> list[tuple[object, ...]]:
-    """Rows of ``sql``, read on a connection of the test's own."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        return [tuple(record) for record in await conn.fetch(sql, *args)]
-    finally:
-        await conn.close()
 
 
 async def lease_rows(dsn: str) -> list[tuple[object, ...]]:
