@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
@@ -13,6 +13,8 @@ import pytest_asyncio
 from parall_bridge import ParallClient, RetryPolicy
 from parall_bridge.models import Chat, User
 from parall_bridge.testing import AgentAccount, FakeParallServer
+
+from .state._postgres import TestServer, start_server
 
 FAST_RETRY = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, jitter=0.01, max_retry_after=2.0)
 """Retries as the defaults, with delays short enough for tests."""
@@ -67,3 +69,21 @@ def library_tasks(before: set[asyncio.Task[object]] | None = None) -> set[asynci
         and task.get_name().startswith("parall-")
         and (before is None or task not in before)
     }
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[TestServer]:
+    """A running throwaway PostgreSQL server (started only when a test asks for it),
+    stopped and deleted at the session's end. It fails (never skips) when PostgreSQL or
+    asyncpg is missing, saying how to install it."""
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest_asyncio.fixture
+async def postgres_dsn(postgres_server: TestServer) -> str:
+    """The DSN of a new, empty database of the test's own."""
+    return await postgres_server.new_database()

@@ -32,7 +32,7 @@ import attrs
 from .._retry import retry_transient
 from .._tasks import TaskSet
 from ..client import ParallClient
-from ..errors import ConfigurationError, ParallError, StateStoreError
+from ..errors import ConfigurationError, LeaseLost, ParallError, StateStoreError
 from ..models import (
     AgentSession,
     AgentSessionStatus,
@@ -313,6 +313,9 @@ class Gateway:
             ConfigurationError: ``agent_id`` does not match the key's user.
             StateStoreError: the state store is held by another gateway, belongs to
                 another agent, or cannot be read (before anything is dispatched).
+            LeaseLost: the store's account lease was lost while running (another
+                process may run the account now): the gateway stopped at once, after
+                a shutdown that sent and acked nothing more.
             WebSocketClosedError: the platform closed the connection for good
                 (4003), after a clean shutdown.
         """
@@ -364,10 +367,22 @@ class Gateway:
             self._ready_error = error
             self._ready.set()
 
-    async def _close_store(self) -> None:
+    def _lease_lost(self, error: LeaseLost) -> None:
+        """The store's account lease is lost: another process may run this account now.
+        Stop at once (nothing more is sent or acked: every send and ack waits on the
+        store) and end ``start()`` with the error."""
+        _log.error("stopping: %s", str(error))
+        self._request_stop(error)
+
+    async def _release_store(self) -> None:
+        """Done with the store (in the shutdown, once everything is flushed, before
+        ``on_stop``; else when the gateway closes)."""
         if self._store_loaded:
             self._store_loaded = False
             await self._store.release()
+
+    async def _close_store(self) -> None:
+        await self._release_store()
         if self._owns_store:
             await self._store.close()
 
@@ -456,7 +471,9 @@ class Gateway:
         lanes, turns, writer."""
         config = self._config
         ledger = self._ledger
-        persister = Persister(self._store, ledger, meta, clock=self._clock)
+        persister = Persister(
+            self._store, ledger, meta, clock=self._clock, on_lease_lost=self._lease_lost
+        )
         persister.set_session(session_id)
         persister.start()
         writer = PlatformWriter(
@@ -567,6 +584,7 @@ class Gateway:
             clock=self._clock,
             stop=self._request_stop,
             stop_event=self._stop,
+            flushed=self._release_store,
         )
 
     def _replay(self, supervisor: Supervisor, restored: Restored) -> None:

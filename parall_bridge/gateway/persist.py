@@ -12,9 +12,11 @@ A failed write is logged and tried again (with backoff); what waits on it
 fails with the :class:`~parall_bridge.StateStoreError` meanwhile, so no send or
 ack goes out on a state that is not on disk. A write refused because the store's
 account lease was lost (:class:`~parall_bridge.LeaseLost`) is final: it is not
-tried again, every wait fails with it from then on, and shutdown does not wait
-for the store (:attr:`Persister.lease_lost`; whoever holds the lease stops the
-gateway).
+tried again, every wait fails with it from then on (also a wait for what is
+durable already: a lease the store says may have expired,
+:meth:`~parall_bridge.StateStore.check_held`, counts as lost), shutdown does not
+wait for the store, and ``on_lease_lost`` stops the gateway
+(:attr:`Persister.lease_lost`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Persister:
         ledger: the ledger whose transitions it writes.
         meta: what the store held of the run's meta at start.
         clock: the ledger's clock (``time.monotonic`` in a gateway).
+        on_lease_lost: called once, with the refusal, when the store's lease is found
+            lost (a refused write, or :meth:`StateStore.check_held` before a send).
     """
 
     def __init__(
@@ -62,8 +66,10 @@ class Persister:
         meta: StoreMeta,
         *,
         clock: Callable[[], float],
+        on_lease_lost: Callable[[LeaseLost], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_lease_lost = on_lease_lost
         self._ledger = ledger
         self._clock = clock
         self._meta = meta
@@ -139,9 +145,19 @@ class Persister:
         """Wait until the ledger is durable up to ``version``.
 
         Raises:
+            LeaseLost: the store's lease is lost, or may have expired
+                (:meth:`StateStore.check_held`), even when the version is durable:
+                nothing goes out on a lease this process may no longer hold.
             StateStoreError: the store failed to write it (it is tried again; a later
                 wait may succeed).
         """
+        if self._lost is not None:
+            raise self._lost
+        try:
+            self._store.check_held()
+        except LeaseLost as exc:
+            self._lose(exc)
+            raise
         if version <= self._durable_version:
             return
         if self._error is not None:
@@ -222,8 +238,7 @@ class Persister:
             )
             self._error = error
             if isinstance(error, LeaseLost):
-                self._lost = error
-                _log.error("%s (not tried again: the lease is lost)", str(error))
+                self._lose(error)
             else:
                 _log.error("%s (tried again)", str(error))
             self._settle_waiters(error)
@@ -235,6 +250,14 @@ class Persister:
         self._durable_version = max(self._durable_version, version)
         self._settle_waiters()
         return True
+
+    def _lose(self, error: LeaseLost) -> None:
+        if self._lost is not None:
+            return
+        self._lost = error
+        _log.error("%s (not tried again: the lease is lost)", str(error))
+        if self._on_lease_lost is not None:
+            self._on_lease_lost(error)
 
     async def close(self, within: float) -> bool:
         """Write what is left (for up to ``within`` seconds), then stop; returns whether

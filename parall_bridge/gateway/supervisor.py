@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from .._retry import is_transient, retry_transient
@@ -64,6 +64,8 @@ class Supervisor:
         clock: the ledger's clock.
         stop: asks the gateway to stop (with the fatal error, if any).
         stop_event: set once a stop was asked for.
+        flushed: awaited in the shutdown once turns, platform writes and the store are
+            flushed, before ``on_stop`` (the gateway releases its store there).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class Supervisor:
         clock: Callable[[], float],
         stop: Callable[[BaseException | None], None],
         stop_event: asyncio.Event,
+        flushed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._runtime = runtime
         self.config = config
@@ -106,6 +109,7 @@ class Supervisor:
         self._clock = clock
         self._request_stop = stop
         self._stop_event = stop_event
+        self._flushed = flushed
         self._tasks = TaskSet(_log)
         self._stopping = False
 
@@ -176,6 +180,11 @@ class Supervisor:
         await self.writer.close(FLUSH_TIMEOUT)
         self.persister.set_session(None)  # shut down: nothing to mark completed at start
         await self.persister.close(STORE_TIMEOUT)
+        if self._flushed is not None:
+            try:
+                await self._flushed()
+            except Exception:
+                _log.exception("releasing the state store failed")
         try:
             async with asyncio.timeout(self._hook_timeout):
                 await self._runtime.on_stop()

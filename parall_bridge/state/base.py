@@ -278,8 +278,15 @@ class StateStore(abc.ABC):
             await self._write(batch)
 
     async def release(self) -> None:
-        """The gateway is done with the store (it stays open)."""
+        """The gateway is done with the store (it stays open). A gateway calls it in its
+        shutdown once its turns and writes are flushed, before ``on_stop``."""
         self._in_use = None
+
+    def check_held(self) -> None:
+        """Raise :class:`~parall_bridge.errors.LeaseLost` when the store writes under an
+        account lease that may have expired (no I/O: a local check a gateway makes before
+        each send and ack). Stores without leases never raise."""
+        return
 
     async def __aenter__(self) -> Self:
         await self.open()

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import math
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
@@ -58,10 +60,12 @@ __all__ = [
     "PostgresStateStore",
 ]
 
+_log = logging.getLogger("parall_bridge.state.postgres")
+
 SCHEMA = "parall_bridge"
 """The PostgreSQL schema (namespace) that holds the store's tables (spelt out in the SQL)."""
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version this code reads and writes."""
 
 MIGRATION_LOCK = (0x50524C4C, 1)
@@ -96,6 +100,12 @@ MIGRATIONS: dict[int, Migration] = {
             holder text NOT NULL, epoch bigint NOT NULL, expires_at timestamptz NOT NULL,
             acquired_at timestamptz NOT NULL,
             PRIMARY KEY (parall_url, org_id, agent_id))"""
+    ),
+    # 2 -> 3: fleet processes' heartbeats (additive: version 2 code ignores the table).
+    2: Migration(
+        """CREATE TABLE parall_bridge.processes (
+            holder text PRIMARY KEY, fleet text NOT NULL, capacity integer,
+            started_at timestamptz NOT NULL, expires_at timestamptz NOT NULL)"""
     ),
 }
 """Version ``N`` -> the :class:`Migration` that upgrades a database from ``N`` to ``N + 1``.
@@ -183,6 +193,28 @@ _RENEW_LEASE = """UPDATE parall_bridge.leases
     WHERE parall_url = $1 AND org_id = $2 AND agent_id = $3 AND holder = $4 AND epoch = $5
         AND expires_at > clock_timestamp()
     RETURNING holder, epoch, expires_at"""
+# Every lease of one holder renewed in one statement (a fleet's accounts).
+_RENEW_LEASES = """UPDATE parall_bridge.leases AS lease
+    SET expires_at = clock_timestamp() + make_interval(secs => $2)
+    FROM unnest($3::text[], $4::text[], $5::text[], $6::bigint[])
+        AS mine (parall_url, org_id, agent_id, epoch)
+    WHERE lease.parall_url = mine.parall_url AND lease.org_id = mine.org_id
+        AND lease.agent_id = mine.agent_id AND lease.epoch = mine.epoch
+        AND lease.holder = $1 AND lease.expires_at > clock_timestamp()
+    RETURNING lease.parall_url, lease.org_id, lease.agent_id, lease.expires_at"""
+# A fleet process's heartbeat: its row lives for a lease's time to live; rows of
+# processes gone for a while are deleted on the way. Returns the live processes of the
+# same fleet (this one included).
+_HEARTBEAT = """INSERT INTO parall_bridge.processes AS process (holder, fleet, capacity,
+        started_at, expires_at)
+    VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp() + make_interval(secs => $4))
+    ON CONFLICT (holder) DO UPDATE SET fleet = excluded.fleet, capacity = excluded.capacity,
+        expires_at = excluded.expires_at"""
+_FORGET_GONE = """DELETE FROM parall_bridge.processes
+    WHERE expires_at < clock_timestamp() - make_interval(secs => $1)"""
+_LIVE_PROCESSES = """SELECT count(*) FROM parall_bridge.processes
+    WHERE fleet = $1 AND expires_at > clock_timestamp()"""
+_LEAVE = "DELETE FROM parall_bridge.processes WHERE holder = $1"
 _RELEASE_LEASE = """UPDATE parall_bridge.leases SET expires_at = clock_timestamp()
     WHERE parall_url = $1 AND org_id = $2 AND agent_id = $3 AND holder = $4 AND epoch = $5
         AND expires_at > clock_timestamp()"""
@@ -246,7 +278,9 @@ class _Connection(Protocol):
 class _Pool(Protocol):
     """The part of ``asyncpg.Pool`` the store uses."""
 
-    def acquire(self) -> AbstractAsyncContextManager[_Connection]: ...
+    def acquire(
+        self, *, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[_Connection]: ...
     async def close(self) -> None: ...
     def terminate(self) -> None: ...
 
@@ -263,6 +297,12 @@ class PostgresStateStore(StateStore):
             (:meth:`acquire_lease`); renew well within it (a third of it, say).
         holder: who this object is when it holds a lease (logged, and stored in the
             lease row); by default unique to the object: ``hostname:pid:random``.
+        pool_size: the most connections it opens to the database (its :meth:`view` s
+            share them).
+        op_timeout: seconds one database operation (a connection from the pool, then
+            a statement) may take before it fails with a
+            :class:`~parall_bridge.errors.StateStoreError`; keep it under a third of
+            ``lease_ttl``, so that a hung database shows before leases expire.
 
     The object is one account's view of the database: its first :meth:`load` binds it to
     that agent (platform URL, org, agent id), and it refuses another agent after that, as
@@ -282,17 +322,36 @@ class PostgresStateStore(StateStore):
     lease is lost: both wait on a durable write.
     """
 
-    def __init__(self, dsn: str, *, lease_ttl: float = 30.0, holder: str | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        lease_ttl: float = 30.0,
+        holder: str | None = None,
+        pool_size: int = 10,
+        op_timeout: float = 10.0,
+    ) -> None:
         if not (math.isfinite(lease_ttl) and lease_ttl > 0):
             raise ValueError(f"lease_ttl must be a positive number of seconds, not {lease_ttl!r}")
+        if not (math.isfinite(op_timeout) and op_timeout > 0):
+            raise ValueError(f"op_timeout must be a positive number of seconds, not {op_timeout!r}")
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise ValueError(f"pool_size must be a positive integer, not {pool_size!r}")
         if holder is not None and not holder:
             raise ValueError("holder must not be empty")
         super().__init__()
         self._lease_ttl = float(lease_ttl)
+        self._op_timeout = float(op_timeout)
+        self._pool_size = pool_size
         self._holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._parent: PostgresStateStore | None = None  # set on a view: its pool is the parent's
+        self._release_lease_with_gateway = False
         self._fenced = False
         self._loaded_epoch: int | None = None  # the lease epoch its load ran under
         self._lease: Lease | None = None
+        # time.monotonic() by which the lease surely expired, unless renewed: counted from
+        # before the statement that set its expiry, so never later than the server's.
+        self._deadline = -math.inf
         self._dsn = dsn
         self._secrets = _secrets_of(dsn)
         self._description = _describe(dsn)
@@ -322,8 +381,60 @@ class PostgresStateStore(StateStore):
         been lost since: only the database knows), or ``None``."""
         return self._lease
 
+    @property
+    def op_timeout(self) -> float:
+        """Seconds one database operation may take."""
+        return self._op_timeout
+
     def __repr__(self) -> str:
         return f"PostgresStateStore({self._description!r})"
+
+    def view(self, *, release_lease: bool = False) -> PostgresStateStore:
+        """Another account's view of the same database: a store object of its own (bound
+        to its own agent by its first :meth:`load`, with its own lease and fencing) that
+        shares this object's connection pool, holder and settings. A fleet gives one to
+        each of its accounts.
+
+        It opens once this object is open (its :meth:`open` takes nothing of its own) and
+        its :meth:`close` leaves the pool to this object, which closes it.
+
+        Args:
+            release_lease: when the gateway using the view is done with it
+                (:meth:`release`: in its shutdown, once its turns and writes are flushed
+                and before ``on_stop``), release the view's lease too, so that another
+                process can take the account at once.
+        """
+        if self._parent is not None:
+            return self._parent.view(release_lease=release_lease)
+        child = PostgresStateStore(
+            self._dsn,
+            lease_ttl=self._lease_ttl,
+            holder=self._holder,
+            pool_size=self._pool_size,
+            op_timeout=self._op_timeout,
+        )
+        child._parent = self
+        child._release_lease_with_gateway = release_lease
+        return child
+
+    def check_held(self) -> None:
+        """Raise :class:`~parall_bridge.errors.LeaseLost` when this object takes leases and
+        its lease may have expired by now: its last acquisition or renewal was longer
+        than :attr:`lease_ttl` ago in this machine's clock (no database round trip). A
+        gateway checks it before each send and ack, on top of the fenced writes they wait
+        on: a process paused past its lease sends nothing once it wakes up."""
+        if not self._fenced:
+            return
+        lease = self._lease
+        if lease is None:
+            raise LeaseLost(
+                f"state store {self._description} holds no lease (another holder has it)"
+            )
+        if time.monotonic() >= self._deadline:
+            raise LeaseLost(
+                f"state store {self._description}: {lease.describe()} expired (not renewed "
+                f"within {self._lease_ttl:g} s)"
+            )
 
     # --- leases ---------------------------------------------------------------------------
 
@@ -344,6 +455,7 @@ class PostgresStateStore(StateStore):
         """
         key = self._lease_key(parall_url, org_id, agent_id)
         self._fenced = True
+        asked = time.monotonic()
         async with self._errors("acquire a lease"), self._connection() as conn:
             row = await conn.fetchrow(_ACQUIRE_LEASE, *key, self._holder, self._lease_ttl)
         if row is None:
@@ -352,6 +464,7 @@ class PostgresStateStore(StateStore):
             *key, holder=row["holder"], epoch=int(row["epoch"]), expires_at=row["expires_at"]
         )
         self._lease = lease
+        self._deadline = asked + self._lease_ttl
         return lease
 
     async def renew_lease(self, lease: Lease) -> Lease:
@@ -362,6 +475,7 @@ class PostgresStateStore(StateStore):
             StateStoreError: the store is not open, or the database failed.
         """
         self._check_holder(lease)
+        asked = time.monotonic()
         async with self._errors("renew a lease"), self._connection() as conn:
             row = await conn.fetchrow(
                 _RENEW_LEASE, *lease.key, lease.holder, lease.epoch, self._lease_ttl
@@ -372,9 +486,87 @@ class PostgresStateStore(StateStore):
                 "released, or taken over)"
             )
         renewed = attrs.evolve(lease, expires_at=row["expires_at"])
-        if self._lease is not None and self._lease.key == lease.key:
-            self._lease = renewed
+        self._renewed(renewed, asked)
         return renewed
+
+    def _renewed(self, renewed: Lease, asked: float) -> None:
+        current = self._lease
+        if current is not None and current.key == renewed.key and current.epoch == renewed.epoch:
+            self._lease = renewed
+            self._deadline = asked + self._lease_ttl
+
+    async def renew_leases(self, views: Iterable[PostgresStateStore]) -> list[PostgresStateStore]:
+        """Renew the leases of many views of this store (:meth:`view`) in one statement:
+        what a fleet does every third of :attr:`lease_ttl`.
+
+        Returns:
+            The views whose lease was lost (expired, released, or taken over), or that
+            hold none: stop what runs on them.
+
+        Raises:
+            StateStoreError: the store is not open, or the database failed (nothing is
+                known of the leases then: try again before they expire).
+        """
+        views = list(views)
+        held = [(view, view._lease) for view in views]
+        leases = [lease for _, lease in held if lease is not None]
+        for view, _ in held:
+            if view._holder != self._holder:
+                raise StateStoreError(
+                    f"state store {self._description}: a view of another holder "
+                    f"({view._holder!r}) cannot be renewed with this store's"
+                )
+        renewed: dict[tuple[str, str, str], datetime.datetime] = {}
+        asked = time.monotonic()
+        if leases:
+            async with self._errors("renew leases"), self._connection() as conn:
+                rows = await conn.fetch(
+                    _RENEW_LEASES,
+                    self._holder,
+                    self._lease_ttl,
+                    [lease.parall_url for lease in leases],
+                    [lease.org_id for lease in leases],
+                    [lease.agent_id for lease in leases],
+                    [lease.epoch for lease in leases],
+                )
+            renewed = {
+                (row["parall_url"], row["org_id"], row["agent_id"]): row["expires_at"]
+                for row in rows
+            }
+        lost: list[PostgresStateStore] = []
+        for view, lease in held:
+            expires_at = renewed.get(lease.key) if lease is not None else None
+            if lease is None or expires_at is None:
+                lost.append(view)
+            else:
+                view._renewed(attrs.evolve(lease, expires_at=expires_at), asked)
+        return lost
+
+    async def heartbeat(self, fleet: str, capacity: int | None = None) -> int:
+        """Say this holder's fleet process is alive (its row in
+        ``parall_bridge.processes`` lives for :attr:`lease_ttl`) and count the live
+        processes of ``fleet`` (this one included): what a fleet divides its accounts by.
+        Rows of processes gone for ten times the time to live are deleted.
+
+        Raises:
+            StateStoreError: the store is not open, or the database failed.
+        """
+        async with self._errors("heartbeat"), self._connection() as conn:
+            async with conn.transaction():
+                await conn.execute(_HEARTBEAT, self._holder, fleet, capacity, self._lease_ttl)
+                await conn.execute(_FORGET_GONE, 10 * self._lease_ttl)
+            live = await conn.fetchval(_LIVE_PROCESSES, fleet)
+        return max(1, int(live))
+
+    async def leave(self) -> None:
+        """Delete this holder's process row: the other processes count one fewer at their
+        next heartbeat.
+
+        Raises:
+            StateStoreError: the store is not open, or the database failed.
+        """
+        async with self._errors("leave"), self._connection() as conn:
+            await conn.execute(_LEAVE, self._holder)
 
     async def release_lease(self, lease: Lease) -> None:
         """Let another holder take the account at once (its lease expires now). A lease
@@ -385,6 +577,8 @@ class PostgresStateStore(StateStore):
             StateStoreError: the store is not open, or the database failed.
         """
         self._check_holder(lease)
+        if self._lease is not None and self._lease.key == lease.key:
+            self._deadline = -math.inf  # refused from now on, whatever the database says
         async with self._errors("release a lease"), self._connection() as conn:
             await conn.execute(_RELEASE_LEASE, *lease.key, lease.holder, lease.epoch)
 
@@ -447,8 +641,23 @@ class PostgresStateStore(StateStore):
                 "(pip install 'parall-bridge[postgres]')"
             ) from None
         self._server_error = asyncpg.PostgresError
+        parent = self._parent
+        if parent is not None:
+            if parent._pool is None:
+                raise StateStoreError(
+                    f"state store {self._description}: a view opens once the store it is a "
+                    "view of is open"
+                )
+            self._pool = parent._pool
+            return
         async with self._errors("open"):
-            self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=2)
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                command_timeout=self._op_timeout,
+                timeout=self._op_timeout,
+            )
         try:
             async with self._errors("open"), self._connection() as conn:
                 await self._migrate(conn)
@@ -459,8 +668,8 @@ class PostgresStateStore(StateStore):
     async def _close_store(self) -> None:
         pool, self._pool = self._pool, None
         self._account = None
-        if pool is None:
-            return
+        if pool is None or self._parent is not None:
+            return  # a view's pool is its parent's to close
         try:
             await pool.close()
         except Exception:  # a connection already broken: nothing left to close cleanly
@@ -532,9 +741,18 @@ class PostgresStateStore(StateStore):
                 )
 
     async def release(self) -> None:
-        """The gateway is done with the store (it stays open, bound to its agent)."""
+        """The gateway is done with the store (it stays open, bound to its agent). A
+        :meth:`view` made with ``release_lease=True`` releases its lease too (a lease
+        already lost is left alone; a database error is logged, and the lease then
+        expires after its time to live)."""
         self._account = None
         await super().release()
+        lease = self._lease
+        if self._release_lease_with_gateway and lease is not None:
+            try:
+                await self.release_lease(lease)
+            except StateStoreError as exc:
+                _log.warning("%s (it expires in %g s)", str(exc), self._lease_ttl)
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -542,7 +760,12 @@ class PostgresStateStore(StateStore):
     async def _connection(self) -> AsyncIterator[_Connection]:
         if self._pool is None:
             raise StateStoreError(f"state store {self._description} is not open")
-        async with self._pool.acquire() as conn:
+        if self._parent is not None and self._parent._pool is not self._pool:
+            raise StateStoreError(
+                f"state store {self._description} is not open (the store it is a view of "
+                "was closed)"
+            )
+        async with self._pool.acquire(timeout=self._op_timeout) as conn:
             try:
                 yield conn
             except (self._server_error, StateStoreError):

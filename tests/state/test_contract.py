@@ -35,7 +35,7 @@ from parall_bridge.state import (
 from parall_bridge.state.postgres import PostgresStateStore
 from parall_bridge.state.sqlite import SqliteStateStore
 
-from ._postgres import PostgresServer
+from ._postgres import TestServer
 
 URL = "https://parall.example/api"
 ADA = StoreIdentity(parall_url=URL, org_id="org_1", agent_id="agent_1", account_id="main")
@@ -88,7 +88,7 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         make = lambda: SqliteStateStore(tmp_path / "state.db")  # noqa: E731
         restart = "new" if kind == "sqlite-reopened" else "release"
     else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
+        server: TestServer = request.getfixturevalue("postgres_server")
         dsn = await server.new_database()
         make = lambda: PostgresStateStore(dsn)  # noqa: E731
         restart = "reopen" if kind == "postgres-reopened" else "release"

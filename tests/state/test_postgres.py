@@ -27,10 +27,10 @@ from parall_bridge.state import (
 from parall_bridge.state import postgres as pg_store
 from parall_bridge.state.postgres import Migration
 from parall_bridge.testing import AgentAccount, FakeParallServer
+from parall_bridge.testing import postgres as testing_postgres
 
 from ..gateway._harness import Gate, ScriptedRuntime, running
-from . import _postgres
-from ._postgres import SECRET_PASSWORD, SECRET_USER, PostgresServer, query, row
+from ._postgres import SECRET_PASSWORD, SECRET_USER, TestServer, query, row
 
 URL = "https://parall.example/api"
 ADA = StoreIdentity(parall_url=URL, org_id="org_1", agent_id="agent_1", account_id="ada")
@@ -144,7 +144,7 @@ async def test_a_failed_write_applies_nothing(postgres_dsn: str) -> None:
 
 @pytest.mark.asyncio
 async def test_a_dropped_connection_fails_one_write_and_the_next_one_reconnects(
-    postgres_dsn: str, postgres_server: PostgresServer
+    postgres_dsn: str, postgres_server: TestServer
 ) -> None:
     async with PostgresStateStore(postgres_dsn) as store:
         await store.load(ADA)
@@ -233,6 +233,7 @@ async def test_a_new_database_gets_the_schema_and_its_version(postgres_dsn: str)
     assert tables == [
         ("accounts",),
         ("leases",),
+        ("processes",),
         ("schema_version",),
         ("sources",),
         ("turns",),
@@ -409,7 +410,7 @@ def assert_no_secret(text: str) -> None:
 
 @pytest.mark.asyncio
 async def test_the_password_is_never_shown(
-    postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+    postgres_server: TestServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     await postgres_server.create_secret_user()
@@ -500,14 +501,14 @@ def process_runs(pid: int) -> bool:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
 def test_a_cluster_left_by_a_killed_session_is_stopped_by_the_next_one() -> None:
-    leftover = PostgresServer()
+    leftover = TestServer()
     leftover.start()
     try:
         gone = subprocess.Popen(["true"])  # noqa: S607
         gone.wait()
-        (leftover.root / _postgres.OWNER).write_text(str(gone.pid), encoding="ascii")
+        (leftover.root / testing_postgres.OWNER).write_text(str(gone.pid), encoding="ascii")
         postmaster = int((leftover.data / "postmaster.pid").read_text().split()[0])
-        PostgresServer().stop()  # its start-up reaps the leftover
+        TestServer().stop()  # its start-up reaps the leftover
         assert not leftover.root.exists()
         assert not process_runs(postmaster)
     finally:

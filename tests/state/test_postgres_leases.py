@@ -28,7 +28,7 @@ from parall_bridge.state import (
 from parall_bridge.state import postgres as pg_store
 from parall_bridge.testing import AgentAccount, FakeParallServer
 
-from ..gateway._harness import ScriptedRuntime, running
+from ..gateway._harness import Run, ScriptedRuntime, running
 from ._postgres import query, row
 
 URL = "https://parall.example/api"
@@ -359,8 +359,9 @@ async def test_a_gateway_whose_store_lost_its_lease_posts_no_reply_and_acks_noth
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A process paused past its lease's time to live wakes up after another took its
-    account over: its turn runs, but its reply waits on a fenced write that is refused,
-    so nothing is posted and nothing acked (the new holder runs the event instead)."""
+    account over: its next durable write is refused, and the gateway stops at once with
+    ``LeaseLost`` (its ``start()`` raises it): nothing is posted and nothing acked (the new
+    holder runs the event instead)."""
 
     async def reply(turn: Turn) -> str | None:
         await turn.send_message(f"re {turn.event.text}")
@@ -379,36 +380,89 @@ async def test_a_gateway_whose_store_lost_its_lease_posts_no_reply_and_acks_noth
     runtime = ScriptedRuntime(reply)
     async with paused, taker:
         assert await paused.acquire_lease(*key) is not None
-        async with running(server, agent, runtime, store=paused, shutdown_grace=0.3) as run:
-            server.post_message(room.id, ada.id, "one")
-            await run.wait_for(lambda: replies() == ["re one"] and not run.pending())
-            # The pause outlives the lease (expired in the server's clock); another
-            # process takes the account over.
-            await query(
-                postgres_dsn, "UPDATE parall_bridge.leases SET expires_at = clock_timestamp()"
-            )
-            taken = await taker.acquire_lease(*key)
-            assert taken is not None
-            assert taken.epoch == 2
-            failures_before = run.gateway.stats().store_failures
-            server.post_message(room.id, ada.id, "two")
-            await run.wait_for(
-                lambda: (
-                    len(runtime.finished) == 2
-                    and run.gateway.stats().store_failures > failures_before
+        runs: list[Run] = []
+
+        async def scenario() -> None:
+            async with running(server, agent, runtime, store=paused, shutdown_grace=0.3) as run:
+                runs.append(run)
+                server.post_message(room.id, ada.id, "one")
+                await run.wait_for(lambda: replies() == ["re one"] and not run.pending())
+                # The pause outlives the lease (expired in the server's clock); another
+                # process takes the account over.
+                await query(
+                    postgres_dsn, "UPDATE parall_bridge.leases SET expires_at = clock_timestamp()"
                 )
-            )
-            assert [turn.event.text for turn in runtime.finished] == ["one", "two"]
-            assert replies() == ["re one"]
-            assert len(run.pending()) == 1  # "two" is not acked
+                taken = await taker.acquire_lease(*key)
+                assert taken is not None
+                assert taken.epoch == 2
+                server.post_message(room.id, ada.id, "two")
+                await asyncio.wait({run.task}, timeout=10.0)
+                assert run.task.done()  # it stopped by itself
+
+        with pytest.raises(LeaseLost, match="was lost"):
+            await scenario()
+        (run,) = runs
         assert replies() == ["re one"]
-        assert len(run.pending()) == 1
+        assert len(run.pending()) == 1  # "two" is not acked
         lost = [r.getMessage() for r in caplog.records if "was lost" in r.getMessage()]
         assert lost, "the persister logs the refused write"
         assert "(not tried again: the lease is lost)" in lost[0]
         # The new holder finds what the paused one wrote while it held the lease.
         state = await taker.load(StoreIdentity(*key))
         assert state.meta.last_seq > 0
+
+
+@pytest.mark.asyncio
+async def test_a_gateway_sends_nothing_once_its_lease_may_have_expired_locally(
+    postgres_dsn: str,
+    server: FakeParallServer,
+    agent: AgentAccount,
+    ada: User,
+    room: Chat,
+) -> None:
+    """With the database unreachable for renewals, a lease runs out in this machine's
+    clock before the server's: a turn that wants to send after that (its journal entry
+    durable long ago) sends nothing, and the gateway stops with ``LeaseLost``."""
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def reply(turn: Turn) -> str | None:
+        started.set()
+        await release.wait()
+        await turn.send_message(f"re {turn.event.text}")
+        return "ok"
+
+    key = (server.url, server.org_id, agent.user_id)
+    store = PostgresStateStore(postgres_dsn, lease_ttl=1.0, holder="slow")
+    runtime = ScriptedRuntime(reply)
+    async with store:
+        lease = await store.acquire_lease(*key)
+        assert lease is not None
+        runs: list[Run] = []
+
+        async def scenario() -> None:
+            async with running(server, agent, runtime, store=store, shutdown_grace=0.3) as run:
+                runs.append(run)
+                server.post_message(room.id, ada.id, "one")
+                await asyncio.wait_for(started.wait(), 5.0)
+                await run.wait_for(lambda: not _held(store))  # never renewed: gone in 1 s
+                release.set()
+                await asyncio.wait({run.task}, timeout=10.0)
+                assert run.task.done()  # it stopped by itself
+
+        with pytest.raises(LeaseLost, match="expired"):
+            await scenario()
+        (run,) = runs
+        assert [m for m in server.messages(room.id) if m.sender_id == agent.user_id] == []
+        assert len(run.pending()) == 1
+
+
+def _held(store: PostgresStateStore) -> bool:
+    try:
+        store.check_held()
+    except LeaseLost:
+        return False
+    return True
 
 
 # --- schema ------------------------------------------------------------------------------
@@ -418,7 +472,7 @@ async def test_a_gateway_whose_store_lost_its_lease_posts_no_reply_and_acks_noth
 async def test_a_database_of_the_previous_version_gains_leases_and_old_code_still_opens_it(
     postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert pg_store.SCHEMA_VERSION == 2
+    assert pg_store.SCHEMA_VERSION >= 2
     assert pg_store.MIGRATIONS[1].oldest_reader is None  # additive
     with monkeypatch.context() as previous:
         previous.setattr(pg_store, "SCHEMA_VERSION", 1)
@@ -436,7 +490,7 @@ async def test_a_database_of_the_previous_version_gains_leases_and_old_code_stil
         assert (state.sources, state.meta.last_seq) == ((row("old"),), 3)
         await store.write(StateBatch(sources=(row("new"),)))
         await store.release_lease(lease)
-    assert await query(postgres_dsn, version) == [(2, 1)]
+    assert await query(postgres_dsn, version) == [(pg_store.SCHEMA_VERSION, 1)]
     # A process of the previous version (a rolling deploy) still opens, reads and writes it.
     with monkeypatch.context() as previous:
         previous.setattr(pg_store, "SCHEMA_VERSION", 1)
@@ -444,4 +498,123 @@ async def test_a_database_of_the_previous_version_gains_leases_and_old_code_stil
         async with PostgresStateStore(postgres_dsn) as store:
             assert [source.key for source in (await store.load(ADA)).sources] == ["old", "new"]
             await store.write(StateBatch(deleted_sources=("old",)))
-    assert await query(postgres_dsn, version) == [(2, 1)]
+    assert await query(postgres_dsn, version) == [(pg_store.SCHEMA_VERSION, 1)]
+
+
+# --- views, many leases at once, process heartbeats ------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_views_share_the_pool_and_holder_and_keep_their_own_account(
+    postgres_dsn: str,
+) -> None:
+    parent = PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="fleet-1", pool_size=2)
+    ada, bob = parent.view(), parent.view()
+    with pytest.raises(StateStoreError, match="opens once the store it is a view of is open"):
+        await ada.open()
+    async with parent:
+        await ada.open()
+        await bob.open()
+        assert (ada.holder, bob.holder, ada.lease_ttl) == ("fleet-1", "fleet-1", 30.0)
+        assert await ada.acquire_lease(*ADA_KEY) is not None
+        assert await bob.acquire_lease(*BOB_KEY) is not None
+        await ada.load(ADA)
+        await bob.load(BOB)
+        with pytest.raises(StateStoreError, match="cannot take the lease of agent agent_2"):
+            await ada.acquire_lease(*BOB_KEY)
+        await ada.write(StateBatch(sources=(row("a"),)))
+        await bob.write(StateBatch(sources=(row("b"),)))
+        await ada.close()  # a view's close leaves the shared pool open
+        await bob.write(StateBatch(sources=(row("b2"),)))
+    keys = await query(postgres_dsn, "SELECT key FROM parall_bridge.sources ORDER BY key")
+    assert keys == [("a",), ("b",), ("b2",)]
+    with pytest.raises(StateStoreError, match="is not open"):
+        await bob.write(StateBatch(sources=(row("late"),)))
+
+
+@pytest.mark.asyncio
+async def test_renew_leases_renews_many_in_one_go_and_names_the_lost(
+    postgres_dsn: str,
+) -> None:
+    async with (
+        PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="fleet-1") as parent,
+        PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="fleet-2") as other,
+    ):
+        ada, bob, never = parent.view(), parent.view(), parent.view()
+        for view in (ada, bob, never):
+            await view.open()
+        first_ada = await ada.acquire_lease(*ADA_KEY)
+        first_bob = await bob.acquire_lease(*BOB_KEY)
+        assert first_ada is not None
+        assert first_bob is not None
+        assert await parent.renew_leases([ada, bob]) == []
+        assert ada.lease is not None
+        assert ada.lease.expires_at >= first_ada.expires_at
+        # Bob's lease expires and another process takes it: Bob is lost, Ada is not.
+        await query(
+            postgres_dsn,
+            "UPDATE parall_bridge.leases SET expires_at = clock_timestamp() WHERE agent_id = $1",
+            "agent_2",
+        )
+        assert await other.acquire_lease(*BOB_KEY) is not None
+        assert await parent.renew_leases([ada, bob, never]) == [bob, never]
+        ada.check_held()
+        with pytest.raises(StateStoreError, match="another holder"):
+            await parent.renew_leases([other])
+
+
+@pytest.mark.asyncio
+async def test_heartbeats_count_the_live_processes_of_one_fleet(postgres_dsn: str) -> None:
+    async with (
+        PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="p1") as p1,
+        PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="p2") as p2,
+        PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="p3") as p3,
+    ):
+        assert await p1.heartbeat("fleet-a") == 1
+        assert await p2.heartbeat("fleet-a", capacity=5) == 2
+        assert await p3.heartbeat("fleet-b") == 1  # another fleet on the same database
+        assert await p1.heartbeat("fleet-a") == 2
+        rows = await query(
+            postgres_dsn, "SELECT holder, fleet, capacity FROM parall_bridge.processes ORDER BY 1"
+        )
+        assert rows == [("p1", "fleet-a", None), ("p2", "fleet-a", 5), ("p3", "fleet-b", None)]
+        await p2.leave()
+        assert await p1.heartbeat("fleet-a") == 1
+        # A process gone without leaving stops counting once its row expires.
+        await p2.heartbeat("fleet-a")
+        await query(
+            postgres_dsn,
+            "UPDATE parall_bridge.processes SET expires_at = clock_timestamp() WHERE holder = 'p2'",
+        )
+        assert await p1.heartbeat("fleet-a") == 1
+
+
+@pytest.mark.asyncio
+async def test_a_view_made_to_release_its_lease_releases_it_with_the_gateway(
+    postgres_dsn: str,
+) -> None:
+    async with PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="fleet-1") as parent:
+        keeps, releases = parent.view(), parent.view(release_lease=True)
+        await keeps.open()
+        await releases.open()
+        assert await keeps.acquire_lease(*ADA_KEY) is not None
+        assert await releases.acquire_lease(*BOB_KEY) is not None
+        await keeps.load(ADA)
+        await releases.load(BOB)
+        await keeps.release()
+        await releases.release()
+        live = await query(
+            postgres_dsn,
+            "SELECT agent_id FROM parall_bridge.leases WHERE expires_at > clock_timestamp()",
+        )
+        assert live == [("agent_1",)]
+        with pytest.raises(LeaseLost):
+            releases.check_held()
+        keeps.check_held()
+
+
+@pytest.mark.asyncio
+async def test_the_store_refuses_bad_settings() -> None:
+    for kwargs in ({"pool_size": 0}, {"pool_size": True}, {"op_timeout": 0.0}):
+        with pytest.raises(ValueError, match="must be a positive"):
+            PostgresStateStore("postgresql://x@/db", **kwargs)
