@@ -11,7 +11,10 @@
   With ``--accounts FILE`` it runs a :class:`~parall_bridge.GatewayFleet` of the
   accounts of a TOML file instead (:func:`~parall_bridge.gateway.accounts.load_accounts`),
   each with its own runtime (a class or factory, called once per account), its state
-  file ``state_path``, else ``./.parall_bridge/<account id>.db``.
+  file ``state_path``, else ``./.parall_bridge/<account id>.db``; or, with ``--store
+  DSN`` (else ``PRLL_STORE_DSN``), every account's state in a shared PostgreSQL store
+  with account leases, so several processes run the same file between them
+  (``--capacity N``: the most accounts this process holds).
 - ``check``: check that configuration without running anything: the key and
   the agent, the platform config, the dispatch queue, a WebSocket ``hello``.
 - ``emulator``: serve the Parall emulator on a local port until interrupted
@@ -47,7 +50,7 @@ import attrs
 from . import protocol as p
 from ._retry import RetryPolicy
 from .client import ParallClient
-from .errors import ConfigurationError, ParallError
+from .errors import ConfigurationError, ParallError, StateStoreError
 from .gateway import Gateway, GatewayConfig, GatewayFleet
 from .gateway.accounts import load_accounts
 from .gateway.config import (
@@ -56,11 +59,13 @@ from .gateway.config import (
     ENV_API_URL,
     ENV_ORG_ID,
     ENV_STATE_PATH,
+    ENV_STORE_DSN,
     ENV_WS_URL,
 )
 from .gateway.fleet import FLEET_STOPPED
 from .routing import RoutingStrategy, SerialRoutingStrategy
 from .runtime import AgentRuntime
+from .state import PostgresStateStore, StateStore
 from .ws import ParallWs, ws_url_from_base
 
 __all__ = [
@@ -374,34 +379,55 @@ async def run_fleet(
     stop: asyncio.Event | None = None,
     out: Callable[[str], None] = _print,
     durable: bool = True,
+    store: StateStore | None = None,
+    capacity: int | None = None,
 ) -> int:
     """Run a fleet of ``configs`` until ``stop`` is set (SIGINT or SIGTERM when not
     given); returns the exit status: 1 when an account stopped for an error (each such
-    account is said in one line), else 0.
+    account is said in one line) or the store could not be opened, else 0.
 
-    With ``durable`` (the default) each account keeps its state in its ``state_path``,
-    else in ``./.parall_bridge/<account id>.db``; without, in memory."""
+    With a ``store`` (a :class:`~parall_bridge.state.PostgresStateStore`) every account
+    keeps its state there, under its lease (``capacity``: the most accounts this process
+    holds). Else, with ``durable`` (the default) each account keeps its state in its
+    ``state_path``, else in ``./.parall_bridge/<account id>.db``; without, in memory."""
     if stop is None:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-    configs = [
-        attrs.evolve(
-            config,
-            state_path=(config.state_path or default_state_path(config.account_id))
-            if durable
-            else None,
-        )
-        for config in configs
-    ]
+    if store is None:
+        configs = [
+            attrs.evolve(
+                config,
+                state_path=(config.state_path or default_state_path(config.account_id))
+                if durable
+                else None,
+            )
+            for config in configs
+        ]
     try:
-        fleet = GatewayFleet(configs, runtime_factory, routing_factory=routing_factory)
+        fleet = GatewayFleet(
+            configs,
+            runtime_factory,
+            routing_factory=routing_factory,
+            store=store,
+            capacity=capacity,
+        )
     except ValueError as exc:
         out(f"configuration error: {exc}")
         return EXIT_USAGE
-    for config in configs:
-        where = config.state_path or "in memory"
-        out(f"account {config.account_id}: state {where}")
-    await fleet.start(stop)
+    if store is not None:
+        out(
+            f"{len(configs)} account(s): state in {store.description}, each run by the "
+            "process holding its lease"
+        )
+    else:
+        for config in configs:
+            where = config.state_path or "in memory"
+            out(f"account {config.account_id}: state {where}")
+    try:
+        await fleet.start(stop)
+    except StateStoreError as exc:
+        out(f"the shared store failed: {exc}")
+        return EXIT_FAILED
     status = EXIT_OK
     for account_id, account in fleet.stats()["accounts"].items():
         if account["reason"] not in (None, FLEET_STOPPED):
@@ -423,6 +449,10 @@ def _environment_help(*, state: bool) -> str:
     ]
     if state:
         lines.append(f"  {ENV_STATE_PATH:<16} the state file (optional; --state overrides it)")
+        lines.append(
+            f"  {ENV_STORE_DSN:<16} with --accounts: a shared PostgreSQL store, a postgresql:// URL"
+        )
+        lines.append(f"  {'':<16} (optional; --store overrides it; its password is never printed)")
     lines.append("`python -m parall_bridge emulator` prints a set for a local emulator.")
     return "\n".join(lines)
 
@@ -470,6 +500,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--accounts",
         metavar="FILE",
         help="run a fleet of the accounts of this TOML file (keys from the env vars it names)",
+    )
+    run.add_argument(
+        "--store",
+        metavar="DSN",
+        help=(
+            f"with --accounts: keep every account's state in this PostgreSQL database "
+            f"({ENV_STORE_DSN}), taking account leases, so several processes share the accounts"
+        ),
+    )
+    run.add_argument(
+        "--capacity",
+        metavar="N",
+        type=_positive_int,
+        help="with --store: the most accounts this process holds (default: its fair share)",
     )
     state = run.add_mutually_exclusive_group()
     state.add_argument(
@@ -529,6 +573,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_emulator(port, args.latency))
     if getattr(args, "accounts", None):
         return _run_accounts(args)
+    if getattr(args, "store", None) or getattr(args, "capacity", None):
+        return _usage_error(
+            ConfigurationError("--store and --capacity are for a fleet: give --accounts FILE")
+        )
     try:
         overrides = {"state_path": args.state} if getattr(args, "state", None) else {}
         config = GatewayConfig.from_env(**overrides)
@@ -571,9 +619,34 @@ def _run_accounts(args: argparse.Namespace) -> int:
     )
     logging.basicConfig(level=args.log_level, handlers=[handler])
     routing = (lambda _: SerialRoutingStrategy()) if args.serial else None
+    dsn = args.store or os.environ.get(ENV_STORE_DSN) or None
+    if dsn is not None and args.no_state:
+        return _usage_error(ConfigurationError("--no-state and a shared store contradict"))
+    if args.capacity is not None and dsn is None:
+        return _usage_error(
+            ConfigurationError(f"--capacity needs a shared store: --store DSN or {ENV_STORE_DSN}")
+        )
+    store = PostgresStateStore(dsn) if dsn is not None else None
     return _run_abandoning(
-        run_fleet(configs, factory, routing_factory=routing, durable=not args.no_state)
+        run_fleet(
+            configs,
+            factory,
+            routing_factory=routing,
+            durable=not args.no_state,
+            store=store,
+            capacity=args.capacity,
+        )
     )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, not {text!r}")
+    return value
 
 
 def _run_abandoning(main: Coroutine[Any, Any, int]) -> int:

@@ -13,6 +13,7 @@ from parall_bridge import ConfigurationError, GatewayConfig
 from parall_bridge.cli import load_runtime_factory, main, run_fleet
 from parall_bridge.gateway.accounts import load_accounts
 from parall_bridge.models import User
+from parall_bridge.state import PostgresStateStore
 from parall_bridge.testing import FakeParallServer
 
 from .conftest import library_tasks
@@ -232,3 +233,84 @@ async def test_run_fleet_runs_the_accounts_of_a_file_until_stopped(
     assert (tmp_path / ".parall_bridge/sales.db").is_file()
     assert sorted(len(r.turns) for r in MADE) == [0, 1, 1]
     assert library_tasks(before) == set()
+
+
+def test_store_and_capacity_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("PRLL_STORE_DSN", raising=False)
+    path = write(tmp_path, '[a]\napi_key_env = "SUPPORT_KEY"\n')
+    runtime = f"{__name__}:FleetRuntime"
+    assert main(["run", runtime, "--store", "postgresql://u:pw-secret@/db"]) == 2
+    assert "--store and --capacity are for a fleet" in capsys.readouterr().err
+    assert main(["run", runtime, "--accounts", str(path), "--capacity", "2"]) == 2
+    assert "--capacity needs a shared store" in capsys.readouterr().err
+    monkeypatch.setenv("PRLL_STORE_DSN", "postgresql://u:pw-secret@/db")
+    assert main(["run", runtime, "--accounts", str(path), "--no-state"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-state and a shared store contradict" in err
+    assert "pw-secret" not in err
+    with pytest.raises(SystemExit):
+        main(["run", runtime, "--accounts", str(path), "--capacity", "0"])
+    assert "must be a whole number above 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert "PRLL_STORE_DSN" in out
+    assert "--store DSN" in out
+
+
+@pytest.mark.asyncio
+async def test_run_fleet_on_a_shared_store_keeps_no_state_file(
+    server: FakeParallServer,
+    ada: User,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    postgres_dsn: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    support = server.add_agent("Support")
+    path = write(tmp_path, '[support]\napi_key_env = "SUPPORT_KEY"\nstate_path = "support.db"\n')
+    env = {"PRLL_API_URL": server.url, "PRLL_ORG_ID": server.org_id}
+    configs = load_accounts(path, env | {"SUPPORT_KEY": support.api_key})
+    factory = load_runtime_factory(f"{__name__}:make_runtime")
+    MADE.clear()
+    stop = asyncio.Event()
+    lines: list[str] = []
+    store = PostgresStateStore(postgres_dsn)
+    task = asyncio.get_running_loop().create_task(
+        run_fleet(configs, factory, stop=stop, out=lines.append, store=store, capacity=5),
+        name="test-run-fleet-store",
+    )
+    try:
+        chat = server.add_chat(type="direct", members=[ada.id, support.user_id])
+        await server.wait_for(lambda: len(server.ws_connections) == 1, timeout=15.0)
+        server.post_message(chat.id, ada.id, "hello")
+        await server.wait_for(lambda: server.dispatch_count(support.user_id, acked=True) == 1)
+    finally:
+        stop.set()
+        status = await asyncio.wait_for(task, 30.0)
+    assert status == 0
+    assert lines == [
+        f"1 account(s): state in {store.description}, each run by the process holding its lease"
+    ]
+    assert not (tmp_path / "support.db").exists()
+    assert not (tmp_path / ".parall_bridge").exists()
+
+
+@pytest.mark.asyncio
+async def test_run_fleet_says_when_the_store_cannot_be_opened(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    configs = [GatewayConfig(URL, "pk_x", "org_1", account_id="a")]
+    lines: list[str] = []
+    nowhere = PostgresStateStore(postgres_dsn.replace("host=", "host=/nonexistent"), op_timeout=2)
+    factory = load_runtime_factory(f"{__name__}:make_runtime")
+    status = await run_fleet(
+        configs, factory, stop=asyncio.Event(), out=lines.append, store=nowhere
+    )
+    assert status == 1
+    (line,) = lines[1:]
+    assert line.startswith("the shared store failed: state store postgresql://")

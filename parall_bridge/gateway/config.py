@@ -20,6 +20,8 @@ ENV_ORG_ID: Final = "PRLL_ORG_ID"
 ENV_WS_URL: Final = "PRLL_WS_URL"
 ENV_AGENT_ID: Final = "PRLL_AGENT_ID"
 ENV_STATE_PATH: Final = "PRLL_STATE_PATH"
+ENV_STORE_DSN: Final = "PRLL_STORE_DSN"
+"""A fleet's shared PostgreSQL store (``run --accounts FILE``; ``--store`` overrides it)."""
 
 
 def _parse_url(name: str, value: object, schemes: tuple[str, ...], what: str) -> None:

@@ -9,6 +9,12 @@ share: one aiohttp connector (the pool of REST connections). Each account's
 client keeps its own session, and its API key goes in its own requests'
 headers only.
 
+With a shared :class:`~parall_bridge.state.PostgresStateStore`, several fleet
+processes (on one machine or many) run the same accounts between them: each
+account runs only in the process that holds its lease (see
+:class:`GatewayFleet`), and an account whose process dies is taken over by
+another once its lease expires.
+
 A host does::
 
     fleet = GatewayFleet(configs, lambda config: MyRuntime(config.account_id))
@@ -18,8 +24,11 @@ A host does::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Final, Literal, TypeAlias, TypedDict
 
@@ -28,10 +37,10 @@ import aiohttp
 from .._retry import Backoff, is_transient
 from .._tasks import TaskSet
 from ..client import ParallClient
-from ..errors import ParallError
+from ..errors import LeaseLost, ParallError, StateStoreError
 from ..routing import RoutingStrategy
 from ..runtime import AgentRuntime
-from ..state import StateStore
+from ..state import PostgresStateStore, StateStore
 from .config import GatewayConfig
 from .gateway import Gateway, GatewayStats
 
@@ -42,8 +51,9 @@ _log = logging.getLogger("parall_bridge.gateway.fleet")
 AccountState: TypeAlias = Literal["running", "starting", "stopped", "not_held"]
 """Where an account of a fleet is: ``starting`` (its gateway is starting, or waits to
 be restarted), ``running`` (ready: connected, first catch-up done), ``stopped`` (it
-will not run again in this fleet: refused, failed, removed, or the fleet stopped);
-``not_held`` is kept for a shared store's leases, which this release does not have."""
+will not run again in this fleet: refused, failed, removed, or the fleet stopped),
+``not_held`` (with a shared store: this process does not hold the account's lease, so
+another process runs it, or will; it may take it later)."""
 
 STATES: Final[tuple[AccountState, ...]] = ("running", "starting", "stopped", "not_held")
 """Every :data:`AccountState`, in the order of :meth:`GatewayFleet.stats` ``totals``."""
@@ -92,9 +102,15 @@ class _AccountFilter(logging.Filter):
 _FILTER: Final = _AccountFilter()
 
 
+_TAGGING: list[int] = [0]
+"""How many fleets run in this process: the filter stays on while one does."""
+
+
 def _tag_library_loggers() -> None:
     """Put the account filter on the library's loggers (not the emulator's): a logger's
-    filters see only the records logged on it, so each gets it. Idempotent."""
+    filters see only the records logged on it, so each gets it. Counted: a fleet that
+    starts calls it, and :func:`_untag_library_loggers` when it ends."""
+    _TAGGING[0] += 1
     for name, logger in list(logging.root.manager.loggerDict.items()):
         if (
             isinstance(logger, logging.Logger)
@@ -105,10 +121,35 @@ def _tag_library_loggers() -> None:
             logger.addFilter(_FILTER)
 
 
+def _untag_library_loggers() -> None:
+    """Take the account filter off once no fleet runs any more."""
+    _TAGGING[0] -= 1
+    if _TAGGING[0] > 0:
+        return
+    for logger in list(logging.root.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger) and _FILTER in logger.filters:
+            logger.removeFilter(_FILTER)
+
+
 FLEET_STOPPED: Final = "the fleet stopped"
 """The ``reason`` of an account stopped by the fleet's shutdown."""
 REMOVED: Final = "removed from the fleet"
 """The ``reason`` of an account stopped by :meth:`GatewayFleet.remove` (until it leaves)."""
+HELD_ELSEWHERE: Final = "another process holds its lease"
+"""The ``reason`` of a ``not_held`` account whose lease another process holds."""
+FAIR_SHARE: Final = "this process holds its share of the accounts"
+"""The ``reason`` of a ``not_held`` account left to other processes (fair share or
+``capacity``)."""
+HANDED_OVER: Final = "handed over to another process"
+"""The ``reason`` of a ``not_held`` account this process let go (another process joined,
+so its fair share shrank)."""
+LEASE_LOST: Final = "its lease was lost"
+"""The start of the ``reason`` of a ``not_held`` account whose lease was lost while it ran
+(not renewed in time, or taken over): its gateway stopped at once."""
+
+MAX_TICK: Final = 2.0
+"""The most seconds between two looks at the leases (a heartbeat, free leases taken,
+surplus handed over); renewals come every third of ``lease_ttl``."""
 
 
 class AccountStats(TypedDict):
@@ -149,15 +190,42 @@ class FleetStats(TypedDict):
 class _Account:
     """One account of a fleet: its config, where it is, and the task running it."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, view: PostgresStateStore | None) -> None:
         self.config = config
-        self.abort = asyncio.Event()  # set: this account's gateway shuts down for good
+        self.abort = asyncio.Event()  # set: this run of the account's gateway ends
+        self.stop_state: AccountState = "stopped"  # where an abort leaves it
         self.stop_reason = FLEET_STOPPED
-        self.state: AccountState = "starting"
+        self.state: AccountState = "starting" if view is None else "not_held"
         self.reason: str | None = None
         self.gateway: Gateway | None = None
         self.task: asyncio.Task[None] | None = None
         self.log = logging.LoggerAdapter(_log, {"account_id": config.account_id})
+        self.view = view  # its view of the shared store, if any
+        self.agent_id = config.agent_id  # the lease's key needs it: from get_me if unset
+        self.removed = False
+
+    def stop(self, state: AccountState, reason: str) -> None:
+        """End the account's current run: its gateway shuts down, and it ends ``state``."""
+        if not self.abort.is_set():
+            self.stop_state = state
+            self.stop_reason = reason
+            self.abort.set()
+
+    @property
+    def active(self) -> bool:
+        """Whether its runner is running (holding its lease, with a store)."""
+        return self.task is not None and not self.task.done()
+
+    def lease_key(self) -> tuple[str, str, str] | None:
+        if self.agent_id is None:
+            return None
+        return (self.config.parall_url.rstrip("/"), self.config.org_id, self.agent_id)
+
+    def rank(self, holder: str) -> str:
+        """This account's place in ``holder``'s order of preference (rendezvous hashing:
+        each process prefers different accounts, so they rarely contend)."""
+        key = f"{holder}\0{self.config.parall_url}\0{self.config.org_id}\0{self.account_id}"
+        return hashlib.sha256(key.encode()).hexdigest()
 
     @property
     def account_id(self) -> str:
@@ -200,31 +268,65 @@ class GatewayFleet:
     :class:`~parall_bridge.ParallClient`'s ``connector``). Each account's WebSocket
     has its own connection, as it must.
 
+    **Many processes, one shared store.** With ``store`` (a
+    :class:`~parall_bridge.state.PostgresStateStore`), each account keeps its state in
+    that database (its ``state_path`` is ignored) and runs only while this process
+    holds the account's lease (keyed by platform URL, org and agent id), so the same
+    accounts file can run in several processes, on several machines, without a
+    coordinator: each process runs the accounts it holds and shows the others as
+    ``not_held``.
+
+    - Every ``min(lease_ttl / 3, 2)`` seconds a process writes its heartbeat row, counts
+      the live processes of its fleet (those started with the same accounts), and
+      takes free or expired leases up to its **fair share** (the accounts divided by
+      the live processes, rounded up), capped by ``capacity``. When another process
+      joins and the share shrinks, it hands the surplus over gracefully (idle accounts
+      first): each such gateway shuts down, its lease is released once its turns and
+      writes are flushed, and the other process takes it.
+    - Leases are renewed every third of ``lease_ttl``, in one statement. An account
+      whose lease is lost (not renewed in time, or taken over) stops at once; its
+      gateway sends and acks nothing more (every send and ack waits on a write fenced
+      by the lease, and checks the lease's time first).
+    - A process that dies holds its leases until they expire (``lease_ttl``); then
+      another process takes the accounts over, and each gateway runs the journal's
+      interrupted turns first (same sources, same reply keys) and then catches up.
+    - A graceful shutdown releases each account's lease as soon as that account's
+      turns and writes are flushed (before ``on_stop``), so a rolling deploy moves
+      idle accounts within a few seconds.
+
+    The fleet opens the store at :meth:`start` (running its migrations once, under an
+    advisory lock) and closes it at the end; it makes one :meth:`view
+    <parall_bridge.state.PostgresStateStore.view>` per account, all on the store's pool.
+
     Every log record of the fleet's own carries the account id (the record's
     ``account_id`` attribute, and the message), and so does every record the library
     logs for an account (its gateway, client, WebSocket: the ``account_id`` attribute,
     for a formatter's ``%(account_id)s``, with ``defaults={"account_id": "-"}`` for the
     records of no account). For that, :meth:`start` puts a filter on the
-    library's loggers (those of ``parall_bridge`` modules imported by then); it only
-    adds the attribute to records logged from an account's tasks.
+    library's loggers (those of ``parall_bridge`` modules imported by then) and takes
+    it off at the end; it only adds the attribute to records logged from an account's
+    tasks.
 
     Args:
         accounts: one :class:`GatewayConfig` per account.
         runtime_factory: makes an account's runtime; called with the account's config
             each time its gateway is made (at start, and again for each restart: a
             gateway's runtime has seen ``on_stop`` when it ends).
-        store: a state store shared by every account. Not supported yet (a later
-            release brings a PostgreSQL store with account leases): give ``None``,
-            and each account keeps its own state as the bare :class:`Gateway` does
-            (a SQLite file at its config's ``state_path``, else memory).
+        store: a :class:`~parall_bridge.state.PostgresStateStore` shared by every
+            account (and by other fleet processes), or ``None``: each account keeps its
+            own state as the bare :class:`Gateway` does (a SQLite file at its config's
+            ``state_path``, else memory) and no leases are taken.
         routing_factory: makes an account's routing strategy, like
             ``runtime_factory``; by default each gateway's default strategy.
         backoff: delays between restarts of an account after a transient failure,
             also given to each gateway (its start-up retries and reconnects).
+        capacity: with a ``store``, the most accounts this process holds at once
+            (``None``: its fair share only).
 
     Raises:
-        ValueError: two accounts have the same ``account_id`` or API key, or a
-            ``store`` was given.
+        ValueError: two accounts have the same ``account_id`` or API key; ``store`` is
+            not a store the accounts can share; ``capacity`` without a ``store``, or not
+            a positive integer.
         TypeError: an account is not a :class:`GatewayConfig`.
     """
 
@@ -236,24 +338,40 @@ class GatewayFleet:
         store: StateStore | None = None,
         routing_factory: Callable[[GatewayConfig], RoutingStrategy] | None = None,
         backoff: Backoff | None = None,
+        capacity: int | None = None,
     ) -> None:
-        if store is not None:
+        if store is not None and not isinstance(store, PostgresStateStore):
             raise ValueError(
-                "GatewayFleet(store=...): a store shared by the accounts is not supported "
-                "yet; leave it None and each account keeps its own state (state_path)"
+                f"GatewayFleet(store=...): a {type(store).__name__} serves one account; the "
+                "accounts of a fleet share a PostgresStateStore (or give None, and each "
+                "account keeps its own state: state_path)"
             )
+        if capacity is not None:
+            if store is None:
+                raise ValueError(
+                    "GatewayFleet(capacity=...) caps the account leases a process holds: "
+                    "it needs a shared store (store=PostgresStateStore(...))"
+                )
+            if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+                raise ValueError(f"capacity must be a positive integer, not {capacity!r}")
+        self._store = store
+        self._capacity = capacity
         self._runtime_factory = runtime_factory
         self._routing_factory = routing_factory
         self._backoff = backoff or Backoff()
         self._accounts: dict[str, _Account] = {}
         for config in accounts:
             self._admit(config)
+        self._fleet_name = self._name()
         self._runners = TaskSet(_log)
         self._connector: aiohttp.TCPConnector | None = None
         self._started = False
         self._abort: asyncio.Event | None = None
         self._stopping = False
         self._changed = asyncio.Event()
+        self._leases_looked = store is None  # wait_ready waits for the first look
+        self._look_now = asyncio.Event()
+        self._live_processes = 1
 
     def __repr__(self) -> str:
         return f"GatewayFleet(accounts={len(self._accounts)})"
@@ -274,6 +392,16 @@ class GatewayFleet:
         """
         return self._accounts[account_id].gateway
 
+    @property
+    def store(self) -> PostgresStateStore | None:
+        """The store the accounts share, if any."""
+        return self._store
+
+    @property
+    def capacity(self) -> int | None:
+        """The most accounts this process holds at once, with a shared store."""
+        return self._capacity
+
     async def start(self, abort_event: asyncio.Event) -> None:
         """Run every account until ``abort_event`` is set, then shut them all down at
         once: each gateway's graceful shutdown (its ``shutdown_grace``) runs alongside
@@ -281,32 +409,57 @@ class GatewayFleet:
 
         Returns once every account's gateway has stopped and every task the fleet
         started is done; an account that failed does not make it fail.
+
+        Raises:
+            StateStoreError: the shared store cannot be opened (unreachable, refused,
+                a schema this version cannot use): nothing ran.
         """
         if self._started:
             raise RuntimeError("a GatewayFleet runs once; make a new one")
         self._started = True
         self._abort = abort_event
+        store = self._store
+        if store is not None:
+            await store.open()  # migrations run once, under the store's advisory lock
         _tag_library_loggers()
         self._connector = aiohttp.TCPConnector(limit=0)  # no cap shared across accounts
+        leases: asyncio.Task[None] | None = None
         try:
-            for account in self._accounts.values():
-                self._launch(account)
+            if store is None:
+                for account in self._accounts.values():
+                    self._launch(account)
+            else:
+                for account in self._accounts.values():
+                    assert account.view is not None  # made with the store
+                    await account.view.open()
+                leases = asyncio.get_running_loop().create_task(
+                    self._lease_loop(store), name="parall-fleet-leases"
+                )
             await abort_event.wait()
         finally:
             self._stopping = True
             for account in self._accounts.values():
-                account.abort.set()
+                account.stop("stopped", FLEET_STOPPED)
+            self._look_now.set()  # the lease loop now only renews, until the runners end
             try:
                 await self._runners.wait(None)
             finally:
                 await self._runners.cancel()
+                if leases is not None:
+                    leases.cancel()
+                    await asyncio.gather(leases, return_exceptions=True)
                 await self._connector.close()
+                if store is not None:
+                    await self._leave(store)
+                _untag_library_loggers()
                 self._notify()
 
     async def wait_ready(self) -> None:
-        """Return once every account is ready (``running``) or ``stopped``: an account
-        that cannot run does not block it, nor does a fleet without accounts. Look at
-        :meth:`stats` for which is which."""
+        """Return once every account this process holds is ready (``running``) or
+        ``stopped``, and, with a shared store, once it has looked at the leases once: an
+        account that cannot run does not block it, nor does a fleet without accounts or
+        one that holds none yet (``not_held``). Look at :meth:`stats` for which is
+        which."""
         while not self._settled():
             changed = self._changed
             await changed.wait()
@@ -330,32 +483,39 @@ class GatewayFleet:
         return FleetStats(accounts=accounts, totals=totals)
 
     async def add(self, config: GatewayConfig) -> None:
-        """Add an account; while the fleet runs its gateway starts at once (this returns
-        without waiting for it to be ready: see :meth:`wait_ready` and :meth:`stats`).
+        """Add an account; while the fleet runs its gateway starts at once (with a shared
+        store: once this process takes its lease), and this returns without waiting for
+        it to be ready (see :meth:`wait_ready` and :meth:`stats`).
 
         Raises:
             ValueError: its ``account_id`` or API key is already in the fleet (also
                 while an account of that id is being removed).
             RuntimeError: the fleet is shutting down or has stopped.
+            StateStoreError: with a shared store, its view could not be opened.
         """
         if self._stopping or (self._abort is not None and self._abort.is_set()):
             # Once abort is set, before start() has woken up to it too.
             raise RuntimeError("the fleet is shutting down: no account can be added")
         account = self._admit(config)
         if self._started:
-            self._launch(account)
+            if account.view is None:
+                self._launch(account)
+            else:
+                await account.view.open()
+                self._look_now.set()
         self._notify()
 
     async def remove(self, account_id: str) -> None:
         """Shut an account's gateway down gracefully (its ``shutdown_grace``, flushes,
-        ``on_stop``) and drop the account; returns once that is done.
+        its lease released, ``on_stop``) and drop the account; returns once that is
+        done.
 
         Raises:
             KeyError: no such account.
         """
         account = self._accounts[account_id]
-        account.stop_reason = REMOVED
-        account.abort.set()
+        account.removed = True
+        account.stop("stopped", REMOVED)
         task = account.task
         if task is None or task.done():
             self._forget(account)
@@ -372,6 +532,16 @@ class GatewayFleet:
 
     # --- accounts -----------------------------------------------------------------------------
 
+    def _name(self) -> str:
+        """The fleet's name in the processes' heartbeat rows: processes started with the
+        same accounts (platform URL, org, account id) count each other for the fair
+        share, and no others."""
+        keys = sorted(
+            f"{a.config.parall_url.rstrip('/')}\0{a.config.org_id}\0{a.account_id}"
+            for a in self._accounts.values()
+        )
+        return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:32]
+
     def _admit(self, config: GatewayConfig) -> _Account:
         if not isinstance(config, GatewayConfig):
             raise TypeError(f"an account must be a GatewayConfig, got {type(config).__name__}")
@@ -379,18 +549,23 @@ class GatewayFleet:
         if account_id in self._accounts:
             raise ValueError(f"account {account_id!r} is already in the fleet")
         for other in self._accounts.values():
-            if (other.config.parall_url, other.config.api_key) == (
-                config.parall_url,
+            if (other.config.parall_url.rstrip("/"), other.config.api_key) == (
+                config.parall_url.rstrip("/"),
                 config.api_key,
             ):
                 raise ValueError(
                     f"accounts {other.account_id!r} and {account_id!r} have the same API key"
                 )
-        account = _Account(config)
+        view = self._store.view(release_lease=True) if self._store is not None else None
+        account = _Account(config, view)
+        if view is not None:
+            account.reason = FAIR_SHARE
         self._accounts[account_id] = account
         return account
 
     def _launch(self, account: _Account) -> None:
+        account.abort = asyncio.Event()
+        account.stop_state, account.stop_reason = "stopped", FLEET_STOPPED
         account.task = self._runners.spawn(
             self._run(account), name=f"parall-fleet-account-{account.account_id}"
         )
@@ -401,7 +576,9 @@ class GatewayFleet:
         self._changed = asyncio.Event()
 
     def _settled(self) -> bool:
-        return all(a.state in ("running", "stopped") for a in self._accounts.values())
+        return self._leases_looked and all(
+            a.state in ("running", "stopped", "not_held") for a in self._accounts.values()
+        )
 
     def _set(self, account: _Account, state: AccountState, reason: str | None) -> None:
         account.state = state
@@ -410,12 +587,25 @@ class GatewayFleet:
 
     async def _run(self, account: _Account) -> None:
         """Run an account's gateway; restart it after a transient failure, with backoff,
-        until the account is removed or the fleet stops; stop it after any other."""
+        until the account is removed or the fleet stops; stop it after any other. With a
+        shared store it runs while this process holds the account's lease (taken before
+        the first run, and again before each restart) and releases the lease at the end."""
+        _ACCOUNT.set(account.account_id)  # this task's own context: its gateway's tasks inherit it
+        try:
+            await self._run_account(account)
+        finally:
+            if account.view is not None:
+                await self._let_go(account)
+
+    async def _run_account(self, account: _Account) -> None:
         log = account.log
         account_id = account.account_id
-        _ACCOUNT.set(account_id)  # this task's own context: its gateway's tasks inherit it
         failures = 0
+        first = True
         while not account.abort.is_set():
+            if account.view is not None and not first and not await self._retake(account):
+                return
+            first = False
             try:
                 gateway, client = self._make(account)
             except Exception as exc:
@@ -427,9 +617,15 @@ class GatewayFleet:
                 self._set(account, "stopped", f"its gateway could not be made: {_describe(exc)}")
                 return
             account.gateway = gateway
+            if account.state != "starting":
+                self._set(account, "starting", None)
             error, was_ready = await self._run_gateway(account, gateway, client)
             if account.abort.is_set():
                 break
+            if isinstance(error, LeaseLost):
+                log.warning("account %r: %s: %s", account_id, LEASE_LOST, str(error))
+                self._set(account, "not_held", f"{LEASE_LOST}: {error}")
+                return
             if was_ready:
                 failures = 0
             if error is not None and is_transient(error):
@@ -454,8 +650,48 @@ class GatewayFleet:
             log.error("account %r stopped: %s", account_id, reason, exc_info=crash)
             self._set(account, "stopped", reason)
             return
-        self._set(account, "stopped", account.stop_reason)
-        log.info("account %r stopped: %s", account_id, account.stop_reason)
+        self._set(account, account.stop_state, account.stop_reason)
+        log.info("account %r %s: %s", account_id, account.stop_state, account.stop_reason)
+
+    async def _retake(self, account: _Account) -> bool:
+        """Before a restart: take the lease again (renewed if still this process's, a
+        new epoch if it expired meanwhile); ``False`` (and ``not_held``) when another
+        process has it, or the store failed."""
+        view, key = account.view, account.lease_key()
+        assert view is not None
+        assert key is not None  # leased once: the key was known
+        try:
+            lease = await view.acquire_lease(*key)
+        except StateStoreError as exc:
+            self._set(account, "not_held", f"its lease could not be taken again: {exc}")
+            return False
+        if lease is None:
+            self._set(account, "not_held", HELD_ELSEWHERE)
+            return False
+        return True
+
+    async def _let_go(self, account: _Account) -> None:
+        """After an account's run, with a shared store: release its lease if this process
+        still holds it (its gateway released it already when its shutdown got that
+        far), so another process can take the account at once."""
+        view = account.view
+        assert view is not None
+        lease = view.lease
+        if lease is None:
+            return
+        try:
+            view.check_held()
+        except LeaseLost:
+            return  # lost or released already
+        try:
+            await view.release_lease(lease)
+        except StateStoreError as exc:
+            account.log.warning(
+                "account %r: its lease was not released (%s); it expires in %g s",
+                account.account_id,
+                str(exc),
+                view.lease_ttl,
+            )
 
     def _make(self, account: _Account) -> tuple[Gateway, ParallClient]:
         config = account.config
@@ -467,7 +703,14 @@ class GatewayFleet:
             verify_tls=config.verify_tls,
             connector=self._connector,
         )
-        gateway = Gateway(config, runtime, routing=routing, client=client, backoff=self._backoff)
+        gateway = Gateway(
+            config,
+            runtime,
+            routing=routing,
+            client=client,
+            store=account.view,
+            backoff=self._backoff,
+        )
         return gateway, client
 
     async def _run_gateway(
@@ -494,3 +737,180 @@ class GatewayFleet:
                 start.cancel()
                 await asyncio.gather(start, return_exceptions=True)
             await client.close()
+
+    # --- leases (a shared store) ------------------------------------------------------------
+
+    async def _lease_loop(self, store: PostgresStateStore) -> None:
+        """Look at the leases every ``min(lease_ttl / 3, 2)`` seconds (sooner when an
+        account is added or its run ends): heartbeat, renew (every third of the time to
+        live), hand the surplus over, take free leases up to the fair share. During the
+        shutdown it only renews, until the runners are done."""
+        tick = min(store.lease_ttl / 3, MAX_TICK)
+        renew_every = store.lease_ttl / 3
+        loop = asyncio.get_running_loop()
+        renewed_at = loop.time()
+        failing = False
+        while True:
+            self._look_now.clear()
+            try:
+                if loop.time() - renewed_at >= renew_every * 0.95:
+                    renewed_at = loop.time()
+                    await self._renew(store)
+                if not self._stopping:
+                    await self._balance(store)
+                if failing:
+                    _log.info("the shared store answers again")
+                failing = False
+            except StateStoreError as exc:
+                if not failing:
+                    _log.warning("leases: %s (tried again)", str(exc))
+                failing = True
+                self._expire_unrenewed()
+            finally:
+                if not self._leases_looked:
+                    self._leases_looked = True
+                    self._notify()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(tick):
+                    await self._look_now.wait()
+
+    def _held(self) -> list[_Account]:
+        return [a for a in self._accounts.values() if a.active]
+
+    async def _renew(self, store: PostgresStateStore) -> None:
+        held = self._held()  # also those shutting down: their flush writes under the lease
+        views = [a.view for a in held if a.view is not None and a.view.lease is not None]
+        if not views:
+            return
+        lost = {id(view) for view in await store.renew_leases(views)}
+        for account in held:
+            if id(account.view) in lost:
+                account.log.warning(
+                    "account %r: %s (not renewed in time, or taken over): stopping it",
+                    account.account_id,
+                    LEASE_LOST,
+                )
+                reason = f"{LEASE_LOST} (not renewed in time, or taken over)"
+                account.stop("not_held", reason)
+                self._set(account, "not_held", reason)  # already: its shutdown is under way
+
+    def _expire_unrenewed(self) -> None:
+        """The store does not answer: stop the accounts whose lease may have expired by
+        now in this machine's clock (another process may have taken them over)."""
+        for account in self._held():
+            view = account.view
+            assert view is not None
+            try:
+                view.check_held()
+            except LeaseLost:
+                reason = f"{LEASE_LOST} (the store did not answer)"
+                account.stop("not_held", reason)
+                self._set(account, "not_held", reason)
+
+    def _share(self, live: int) -> int:
+        share = math.ceil(len(self._accounts) / max(1, live))
+        return share if self._capacity is None else min(share, self._capacity)
+
+    async def _balance(self, store: PostgresStateStore) -> None:
+        """One look: heartbeat, then hand the surplus over or take free leases."""
+        live = await store.heartbeat(self._fleet_name, self._capacity)
+        if live != self._live_processes:
+            _log.info("%d fleet process(es) share the accounts", live)
+            self._live_processes = live
+        share = self._share(live)
+        held = [a for a in self._held() if not a.abort.is_set()]
+        if len(held) > share:
+            self._hand_over(held, len(held) - share, share)
+            return
+        wanted = share - len(held)
+        waiting = sorted(
+            (a for a in self._accounts.values() if not a.active and a.state == "not_held"),
+            key=lambda a: a.rank(store.holder),
+        )
+        for account in waiting:
+            if self._stopping or account.removed:
+                break
+            if wanted <= 0:
+                if account.reason != HELD_ELSEWHERE:
+                    self._set(account, "not_held", FAIR_SHARE)
+                continue
+            if await self._take(account):
+                wanted -= 1
+
+    def _hand_over(self, held: list[_Account], surplus: int, share: int) -> None:
+        """Let ``surplus`` accounts go to other processes, idle ones first."""
+
+        def busy(account: _Account) -> tuple[int, str]:
+            gateway = account.gateway
+            stats = gateway.stats() if gateway is not None else None
+            load = (stats.active_turns + stats.queued) if stats is not None else 0
+            return (load, account.rank(self._store.holder if self._store else ""))
+
+        for account in sorted(held, key=busy)[:surplus]:
+            account.log.info(
+                "account %r: handed over (this process's share is now %d)",
+                account.account_id,
+                share,
+            )
+            account.stop("not_held", HANDED_OVER)
+
+    async def _take(self, account: _Account) -> bool:
+        """Take an account's lease and start it; ``False`` when another process holds it
+        (or it cannot run: its key is refused, and so on)."""
+        view = account.view
+        assert view is not None
+        if account.agent_id is None and not await self._learn_agent(account):
+            return False
+        key = account.lease_key()
+        assert key is not None
+        lease = await view.acquire_lease(*key)
+        if lease is None:
+            if account.reason != HELD_ELSEWHERE:
+                self._set(account, "not_held", HELD_ELSEWHERE)
+            return False
+        if self._stopping or account.removed or account.account_id not in self._accounts:
+            await view.release_lease(lease)  # removed, or shutting down, meanwhile
+            return False
+        account.log.info("account %r: lease taken (epoch %d)", account.account_id, lease.epoch)
+        self._set(account, "starting", None)
+        self._launch(account)
+        account.task.add_done_callback(lambda _: self._look_now.set())  # type: ignore[union-attr]
+        return True
+
+    async def _learn_agent(self, account: _Account) -> bool:
+        """The agent id of an account whose config has none (its lease is keyed by it):
+        asked once with its key. A refused key stops the account; a transient failure
+        is tried again at the next look."""
+        config = account.config
+        client = ParallClient(
+            config.parall_url,
+            config.api_key,
+            verify_tls=config.verify_tls,
+            connector=self._connector,
+        )
+        try:
+            me = await client.get_me()
+        except ParallError as exc:
+            if is_transient(exc):
+                account.log.warning(
+                    "account %r: who its key is could not be asked (%s); tried again",
+                    account.account_id,
+                    _describe(exc),
+                )
+                return False
+            account.log.error("account %r stopped: %s", account.account_id, _describe(exc))
+            self._set(account, "stopped", _describe(exc))
+            return False
+        finally:
+            await client.close()
+        account.agent_id = me.id
+        return True
+
+    async def _leave(self, store: PostgresStateStore) -> None:
+        """At the end: delete this process's heartbeat row, close the store."""
+        try:
+            await store.leave()
+        except StateStoreError as exc:
+            _log.warning("the fleet's heartbeat row was not deleted: %s", str(exc))
+        finally:
+            await store.close()

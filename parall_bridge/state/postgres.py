@@ -19,9 +19,14 @@ acquisition, and an expiry in the database's clock. Once a store object holds a
 lease, every write it makes is fenced: checked against the lease row in its own
 transaction and refused with :class:`~parall_bridge.errors.LeaseLost` (nothing
 applied) once another holder took the account over or the lease expired. A store
-object that never takes a lease writes as before (one process per account). The
-fleet does not take leases yet: until it does, run each account in one process at a
-time.
+object that never takes a lease writes as before (one process per account).
+
+A :class:`~parall_bridge.GatewayFleet` given the store takes, renews and releases
+the leases itself: one :meth:`~PostgresStateStore.view` per account on the store's
+connection pool, every lease renewed in one statement
+(:meth:`~PostgresStateStore.renew_leases`), and a heartbeat row per process
+(:meth:`~PostgresStateStore.heartbeat`, table ``parall_bridge.processes``) from
+which each process counts the live ones to take its fair share.
 
 The DSN's password is never shown: :attr:`~PostgresStateStore.description`,
 ``repr`` and every error name the database without it.

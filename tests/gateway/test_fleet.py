@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import attrs
 import pytest
 
 from parall_bridge import (
@@ -443,7 +444,7 @@ async def test_no_account_is_added_once_abort_is_set(accounts: Accounts) -> None
 
 
 @pytest.mark.asyncio
-async def test_duplicates_and_a_shared_store_are_refused(
+async def test_duplicates_a_store_of_one_account_and_a_bad_capacity_are_refused(
     server: FakeParallServer, accounts: Accounts
 ) -> None:
     alpha = accounts.add("alpha")
@@ -453,8 +454,15 @@ async def test_duplicates_and_a_shared_store_are_refused(
     with pytest.raises(ValueError, match="'alpha' and 'copy' have the same API key") as refused:
         accounts.fleet([alpha, make_config(server, agent, account_id="copy")])
     assert agent.api_key not in str(refused.value)
-    with pytest.raises(ValueError, match="not supported yet"):
+    with pytest.raises(ValueError, match="a MemoryStateStore serves one account"):
         GatewayFleet([alpha], accounts.runtime_factory, store=MemoryStateStore())
+    with pytest.raises(ValueError, match="it needs a shared store"):
+        GatewayFleet([alpha], accounts.runtime_factory, capacity=3)
+    slash = attrs.evolve(
+        make_config(server, agent, account_id="slash"), parall_url=server.url + "/"
+    )
+    with pytest.raises(ValueError, match="the same API key"):
+        accounts.fleet([alpha, slash])
     with pytest.raises(TypeError, match="GatewayConfig"):
         GatewayFleet([object()], accounts.runtime_factory)  # type: ignore[list-item]
     assert accounts.runtimes == {}  # nothing made before start
