@@ -386,6 +386,27 @@ class Gateway:
         if self._owns_store:
             await self._store.close()
 
+    async def _unless_stopped(self, work: Awaitable[None], what: str) -> bool:
+        """Await ``work`` unless a stop is requested first, which cancels it (a host's
+        ``on_start`` that hangs must not hold the shutdown); returns whether it ran to
+        the end."""
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        task.set_name(f"parall-gateway-{what}")
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pending in (task, stopped):
+                pending.cancel()
+            await asyncio.gather(stopped, return_exceptions=True)
+            if not task.done():
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            _log.info("stop requested during %s: cancelled it", what)
+            return False
+        task.result()  # its error, if it failed
+        return True
+
     async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T | None:
         """Call until it succeeds; transient platform errors are retried with backoff (the
         retry module's rule). Returns ``None`` when a stop is requested first."""
@@ -448,14 +469,14 @@ class Gateway:
         _log.info("agent session %s", session.id)
         supervisor = self._build(client, me.id, session.id, stored.meta)
         self._supervisor = supervisor  # shut down by start() from here on, whatever happens
-        await self._runtime.on_start(
-            GatewayInfo(
-                agent_id=me.id,
-                org_id=config.org_id,
-                account_id=config.account_id,
-                session_id=session.id,
-            )
+        info = GatewayInfo(
+            agent_id=me.id,
+            org_id=config.org_id,
+            account_id=config.account_id,
+            session_id=session.id,
         )
+        if not await self._unless_stopped(self._runtime.on_start(info), "on_start"):
+            return None  # the shutdown (from start()) still runs, on_stop included
         await supervisor.config.apply()
         if restored.resume or restored.dead:
             # The attempts a crash counted are on disk before the turn runs again: a turn

@@ -19,7 +19,7 @@ from parall_bridge.gateway.sources import Gate as ItemGate
 from parall_bridge.gateway.sources import ItemOutcome, Sources
 from parall_bridge.models import Chat, User
 from parall_bridge.routing import SerialRoutingStrategy
-from parall_bridge.runtime import ForkOutcome, SessionRef, Turn
+from parall_bridge.runtime import ForkOutcome, GatewayInfo, SessionRef, Turn
 from parall_bridge.testing import AgentAccount, FakeParallServer
 from parall_bridge.ws import ConnectionState
 
@@ -566,3 +566,36 @@ async def test_an_unreadable_dispatch_item_counts_attempts_and_is_dead_lettered(
     assert len(fetches) == 2  # once per attempt, not once per pass
     attempts = [s.content["attempts"] for s in run.steps(StepType.ERROR)]
     assert attempts == [1, 2]
+
+
+class HangingStart(ScriptedRuntime):
+    """A runtime whose ``on_start`` never returns by itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starting = asyncio.Event()
+        self.start_cancelled = False
+
+    async def on_start(self, info: GatewayInfo) -> None:
+        self.starting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.start_cancelled = True
+            raise
+
+
+@pytest.mark.asyncio
+async def test_an_abort_during_a_hanging_on_start_cancels_it_and_shuts_down(
+    server: FakeParallServer, agent: AgentAccount
+) -> None:
+    """The shutdown is bounded even when the host's ``on_start`` hangs: the abort cancels
+    it, and ``on_stop`` still runs."""
+    runtime = HangingStart()
+    async with running(server, agent, runtime, ready=False) as run:
+        await asyncio.wait_for(runtime.starting.wait(), 10.0)
+        run.abort.set()
+        await asyncio.wait_for(asyncio.shield(run.task), 10.0)
+    assert runtime.start_cancelled
+    assert runtime.stopped
+    assert run.task.exception() is None

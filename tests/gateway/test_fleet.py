@@ -510,3 +510,19 @@ async def test_cancelling_start_shuts_every_account_down(
     assert all(
         runtime.stopped for runtime in accounts.runtimes["alpha"] + accounts.runtimes["beta"]
     )
+
+
+@pytest.mark.asyncio
+async def test_the_account_filter_is_on_while_a_fleet_runs_and_off_after(
+    accounts: Accounts,
+) -> None:
+    from parall_bridge.gateway import fleet as fleet_module
+
+    gateway_logger = logging.getLogger("parall_bridge.gateway")
+    first, second = accounts.fleet([accounts.add("a")]), accounts.fleet([accounts.add("b")])
+    async with running_fleet(first):
+        assert fleet_module._FILTER in gateway_logger.filters
+        async with running_fleet(second):
+            assert fleet_module._FILTER in gateway_logger.filters
+        assert fleet_module._FILTER in gateway_logger.filters  # the first still runs
+    assert fleet_module._FILTER not in gateway_logger.filters
