@@ -60,6 +60,7 @@ wheel-smoke: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(PY) -m benchmarks
 	$(PY) -m benchmarks.perf
+	$(PY) -m benchmarks.fleet
 	$(PY) -m benchmarks.import_time
 
 soak: $(VENV)/.installed-dev

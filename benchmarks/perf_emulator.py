@@ -23,6 +23,8 @@ import itertools
 import json
 import logging
 import os
+import random
+import resource
 import sys
 import time
 from collections import Counter
@@ -34,7 +36,7 @@ import attrs
 
 from parall_bridge.testing import FakeParallServer
 
-__all__ = ["EmulatorError", "EmulatorProcess", "main", "serve"]
+__all__ = ["EmulatorError", "EmulatorProcess", "main", "raise_fd_limit", "serve"]
 
 _log = logging.getLogger("benchmarks.perf_emulator")
 
@@ -118,6 +120,54 @@ class _Driver:
         ids = [self._post(agent, chat) for _ in range(int(args.get("count", 1)))]
         return {"ids": ids, "at": at}
 
+    async def setup_fleet(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``count`` new agents (the fleet benchmark's accounts), each with one direct
+        chat with one human they share: ``[agent_id, api_key, chat_id]`` each."""
+        server = self._server
+        human = server.add_user("Human")
+        agents = []
+        for n in range(int(args["count"])):
+            account = server.add_agent(f"Fleet {n}")
+            chat = server.add_chat(type="direct", members=[human.id, account.user_id]).id
+            self._agents[account.user_id] = _Agent(account.user_id, human.id, [chat])
+            agents.append([account.user_id, account.api_key, chat])
+        return {"agents": agents, "human_id": human.id}
+
+    async def spray(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Post ``count`` messages at ``rate`` a second, each into the first chat of an
+        agent drawn at random (``seed``) from ``agents``; answer once all are posted:
+        ``[message_id, agent_id, at]`` each, ``at`` being ``time.monotonic()`` just
+        before the post."""
+        agents = [self._agents[str(agent)] for agent in args["agents"]]
+        count, rate = int(args["count"]), float(args["rate"])
+        pick = random.Random(int(args.get("seed", 0)))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        posts: list[list[Any]] = []
+        while len(posts) < count:
+            due = min(count, int((loop.time() - started) * rate) + 1)
+            while len(posts) < due:
+                agent = pick.choice(agents)
+                at = time.monotonic()
+                posts.append([self._post(agent, agent.chats[0]), agent.agent_id, at])
+            await asyncio.sleep(POLL_INTERVAL)
+        return {"posts": posts, "seconds": loop.time() - started}
+
+    async def wait_acked_all(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Answer once the ``agents`` have ``count`` items acked in all (``timeout``
+        seconds at most), polled every 10 ms: the acked and pending counts."""
+        server = self._server
+        agents = [str(agent) for agent in args["agents"]]
+        count = int(args["count"])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(args["timeout"])
+        while (acked := sum(server.dispatch_count(a, acked=True) for a in agents)) < count:
+            if loop.time() > deadline:
+                raise TimeoutError(f"{acked} of {count} items acked after {args['timeout']} s")
+            await asyncio.sleep(10 * POLL_INTERVAL)
+        pending = sum(server.dispatch_count(a) for a in agents)
+        return {"acked": acked, "pending": pending}
+
     async def stream(self, args: dict[str, Any]) -> dict[str, Any]:
         """Start posting ``count`` messages round robin over the agent's chats, as fast
         as they are taken (or ``rate`` a second, when given), never more than ``window``
@@ -182,6 +232,14 @@ class _Driver:
         """The child's resident memory, MiB."""
         return {"rss_mib": _status_kib("VmRSS") / 1024}
 
+    async def cpu(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The child's CPU time so far (``time.process_time()``, seconds)."""
+        return {"cpu_seconds": time.process_time()}
+
+    async def fds(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The child's open file descriptors, and its ``RLIMIT_NOFILE`` soft limit."""
+        return {"fds": _open_fds(), "limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+
     async def close(self) -> None:
         """Stop the streams."""
         for task in list(self._streams):
@@ -196,6 +254,24 @@ def _status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def _open_fds() -> int:
+    """How many file descriptors this process has open (-1 when unknown)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's ``RLIMIT_NOFILE`` soft limit to its hard limit (many
+    WebSockets need more than the usual 1,024); the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _answer(payload: dict[str, Any]) -> None:
@@ -220,6 +296,11 @@ async def serve(latency: float) -> None:
             "counts": driver.counts,
             "step_types": driver.step_types,
             "rss": driver.rss,
+            "setup_fleet": driver.setup_fleet,
+            "spray": driver.spray,
+            "wait_acked_all": driver.wait_acked_all,
+            "fds": driver.fds,
+            "cpu": driver.cpu,
         }
         running: set[asyncio.Task[None]] = set()
 
@@ -258,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=0.0, help="simulated round trip (s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    raise_fd_limit()  # the fleet benchmark's thousands of WebSockets
     asyncio.run(serve(args.latency))
     # The server is closed; after a long run the interpreter would spend many seconds
     # freeing millions of records one by one, for nothing: leave at once.

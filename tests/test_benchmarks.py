@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import import_time, perf, profile
+from benchmarks import fleet, import_time, perf, profile
 from benchmarks.bench import BenchResult, run_benchmarks
 from benchmarks.crash import crash_soak
 from benchmarks.fuzz import FuzzReport, Outcome, Target, fuzz
@@ -65,8 +65,10 @@ PERF_KEYS = [
 """Every figure of a full ``make bench`` perf run, in the order of the table."""
 
 
-def _perf_children() -> list[int]:
-    """Emulator processes of the perf benchmarks still running under this process."""
+def _perf_children(*markers: bytes) -> list[int]:
+    """Emulator processes of the perf benchmarks (or, given ``markers``, processes
+    whose command line holds one of them) still running under this process."""
+    markers = markers or (b"perf_emulator",)
     children = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
@@ -76,7 +78,8 @@ def _perf_children() -> list[int]:
             cmdline = (status.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if fields.get("PPid", "").strip() == str(os.getpid()) and b"perf_emulator" in cmdline:
+        mine = fields.get("PPid", "").strip() == str(os.getpid())
+        if mine and any(marker in cmdline for marker in markers):
             children.append(int(status.parent.name))
     return children
 
@@ -149,6 +152,78 @@ def test_perf_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert line.startswith(figure["name"] + " ")
         assert line.split()[-1] == {True: "yes", False: "NO", None: "-"}[figure["met"]]
     assert _perf_children() == []
+
+
+FLEET_KEYS = [
+    "fleet_startup",
+    "fleet_startup_per_account",
+    "fleet_not_running",
+    "fleet_rss_per_account",
+    "fleet_rss_per_account_after_traffic",
+    "fleet_fds_per_account",
+    "fleet_fds_peak_per_account",
+    "fleet_ulimit",
+    "fleet_latency_p50",
+    "fleet_latency_p99",
+    "fleet_lost",
+    "fleet_duplicated",
+    "fleet_misrouted",
+    "fleet_cpu_per_event",
+    "fleet_emulator_cpu_per_event",
+    "fleet_idle_cpu",
+    "fleet_shutdown",
+]
+"""Every figure of the fleet benchmark, in the order of the table."""
+
+
+def test_fleet_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The quick fleet run (20 accounts in one ``GatewayFleet``, traffic spread over
+    them) completes: every figure is there, every account ran, every message posted
+    started exactly one turn in its own account, the ``ulimit`` is printed, and neither
+    the emulator nor the baseline's child is left. Whether the goals are met is the
+    full run's."""
+    out = tmp_path / "fleet.json"
+    assert fleet.main(["--quick", "--json", str(out), "--log", str(tmp_path / "fleet.log")]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    sizes = fleet.FleetSizes.quick()
+    assert report["quick"] is True
+    assert report["meta"]["sizes"]["accounts"] == sizes.accounts
+    assert [f["key"] for f in report["figures"]] == FLEET_KEYS
+    figures = {f["key"]: f for f in report["figures"]}
+    for key, figure in figures.items():
+        assert isinstance(figure["ours"], int | float), key
+        assert math.isfinite(figure["ours"]), key
+        if figure["baseline"] is not None:
+            assert figure["baseline"] > 0, key
+            assert figure["ratio"] == pytest.approx(figure["ours"] / figure["baseline"]), key
+        assert (figure["goal"] is None) == (figure["met"] is None), key
+        assert figure["name"] in printed, key
+    details = report["details"]["fleet"]
+    assert details["running"] == details["accounts"] == sizes.accounts
+    assert details["events"] == sizes.events
+    assert details["acked"] == sizes.events
+    assert details["stopped"] == sizes.accounts
+    for key in ("fleet_not_running", "fleet_lost", "fleet_duplicated", "fleet_misrouted"):
+        assert figures[key]["ours"] == 0, key
+        assert figures[key]["met"] is True, key
+    assert details["unexpected"] == 0
+    assert figures["fleet_rss_per_account"]["ours"] > 0
+    assert figures["fleet_fds_per_account"]["ours"] >= 1  # a WebSocket each, at least
+    ulimit = int(figures["fleet_ulimit"]["ours"])
+    assert ulimit == fleet.recommended_ulimit(
+        figures["fleet_fds_peak_per_account"]["ours"], sizes.accounts
+    )
+    assert f"ulimit -n {ulimit}" in printed
+    assert _perf_children(b"perf_emulator", b"benchmarks.fleet") == []
+
+
+def test_fleet_recommended_ulimit() -> None:
+    """The ``ulimit -n`` recommended: a 25% margin and 256 spare over what the accounts
+    took at their peak, in multiples of 1,024, never below 1,024."""
+    assert fleet.recommended_ulimit(0.0, 10) == 1024
+    assert fleet.recommended_ulimit(2.0, 2000) == 6144  # 1.25 x 4,000 + 256 = 5,256
+    assert fleet.recommended_ulimit(3.0, 2000) == 8192  # 7,756
 
 
 @pytest.mark.asyncio
