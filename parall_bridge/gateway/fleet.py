@@ -784,7 +784,8 @@ class GatewayFleet:
             return
         lost = {id(view) for view in await store.renew_leases(views)}
         for account in held:
-            if id(account.view) in lost:
+            # One shutting down may have released its lease already (after its flush).
+            if id(account.view) in lost and not account.abort.is_set():
                 account.log.warning(
                     "account %r: %s (not renewed in time, or taken over): stopping it",
                     account.account_id,
@@ -827,11 +828,17 @@ class GatewayFleet:
             (a for a in self._accounts.values() if not a.active and a.state == "not_held"),
             key=lambda a: a.rank(store.holder),
         )
+        elsewhere = await store.held_by_others() if wanted > 0 and waiting else set()
         for account in waiting:
             if self._stopping or account.removed:
                 break
-            if wanted <= 0:
+            key = account.lease_key()
+            if key is not None and key in elsewhere:
                 if account.reason != HELD_ELSEWHERE:
+                    self._set(account, "not_held", HELD_ELSEWHERE)
+                continue
+            if wanted <= 0:
+                if account.reason not in (HELD_ELSEWHERE, FAIR_SHARE):
                     self._set(account, "not_held", FAIR_SHARE)
                 continue
             if await self._take(account):

@@ -561,6 +561,8 @@ async def test_renew_leases_renews_many_in_one_go_and_names_the_lost(
         ada.check_held()
         with pytest.raises(StateStoreError, match="another holder"):
             await parent.renew_leases([other])
+        assert await parent.held_by_others() == {BOB_KEY}
+        assert await other.held_by_others() == {ADA_KEY}
 
 
 @pytest.mark.asyncio
