@@ -189,6 +189,7 @@ def test_fleet_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     sizes = fleet.FleetSizes.quick()
     assert report["quick"] is True
     assert report["meta"]["sizes"]["accounts"] == sizes.accounts
+    assert report["meta"]["gc_freeze"] is False
     assert [f["key"] for f in report["figures"]] == FLEET_KEYS
     figures = {f["key"]: f for f in report["figures"]}
     for key, figure in figures.items():
