@@ -28,7 +28,6 @@ import contextlib
 import contextvars
 import hashlib
 import logging
-import math
 from collections.abc import Callable, Iterable
 from typing import Final, Literal, TypeAlias, TypedDict
 
@@ -205,10 +204,13 @@ class _Account:
         self.removed = False
 
     def stop(self, state: AccountState, reason: str) -> None:
-        """End the account's current run: its gateway shuts down, and it ends ``state``."""
+        """End the account's current run: its gateway shuts down (releasing the lease once
+        flushed, with a shared store), and it ends ``state``."""
         if not self.abort.is_set():
             self.stop_state = state
             self.stop_reason = reason
+            if self.view is not None:
+                self.view.release_lease_with_gateway = True
             self.abort.set()
 
     @property
@@ -370,6 +372,7 @@ class GatewayFleet:
         self._stopping = False
         self._changed = asyncio.Event()
         self._leases_looked = store is None  # wait_ready waits for the first look
+        self._ended = False
         self._look_now = asyncio.Event()
         self._live_processes = 1
 
@@ -418,12 +421,19 @@ class GatewayFleet:
             raise RuntimeError("a GatewayFleet runs once; make a new one")
         self._started = True
         self._abort = abort_event
+        try:
+            await self._run_fleet(abort_event)
+        finally:
+            self._ended = True  # wait_ready() returns from now on
+            self._notify()
+
+    async def _run_fleet(self, abort_event: asyncio.Event) -> None:
         store = self._store
         if store is not None:
             await store.open()  # migrations run once, under the store's advisory lock
         _tag_library_loggers()
         self._connector = aiohttp.TCPConnector(limit=0)  # no cap shared across accounts
-        leases: asyncio.Task[None] | None = None
+        renewing, balancing = TaskSet(_log), TaskSet(_log)
         try:
             if store is None:
                 for account in self._accounts.values():
@@ -432,27 +442,29 @@ class GatewayFleet:
                 for account in self._accounts.values():
                     assert account.view is not None  # made with the store
                     await account.view.open()
-                leases = asyncio.get_running_loop().create_task(
-                    self._lease_loop(store), name="parall-fleet-leases"
-                )
+                renewing.spawn(self._renew_loop(store), name="parall-fleet-renew")
+                balancing.spawn(self._balance_loop(store), name="parall-fleet-leases")
             await abort_event.wait()
         finally:
             self._stopping = True
             for account in self._accounts.values():
                 account.stop("stopped", FLEET_STOPPED)
-            self._look_now.set()  # the lease loop now only renews, until the runners end
             try:
-                await self._runners.wait(None)
+                await balancing.cancel()  # no heartbeat after this process left
+                if store is not None:
+                    # Counted out at once: the others take each account as it is released.
+                    await self._leave(store)
+                await self._runners.wait(None)  # leases still renewed meanwhile
             finally:
                 await self._runners.cancel()
-                if leases is not None:
-                    leases.cancel()
-                    await asyncio.gather(leases, return_exceptions=True)
+                await renewing.cancel()
                 await self._connector.close()
                 if store is not None:
-                    await self._leave(store)
+                    await store.close()
                 _untag_library_loggers()
-                self._notify()
+                for account in self._accounts.values():
+                    if account.state != "stopped":  # not_held: not run here any more either
+                        self._set(account, "stopped", FLEET_STOPPED)
 
     async def wait_ready(self) -> None:
         """Return once every account this process holds is ready (``running``) or
@@ -501,7 +513,11 @@ class GatewayFleet:
             if account.view is None:
                 self._launch(account)
             else:
-                await account.view.open()
+                try:
+                    await account.view.open()
+                except BaseException:
+                    self._forget(account)  # not admitted: the caller may try again
+                    raise
                 self._look_now.set()
         self._notify()
 
@@ -556,7 +572,7 @@ class GatewayFleet:
                 raise ValueError(
                     f"accounts {other.account_id!r} and {account_id!r} have the same API key"
                 )
-        view = self._store.view(release_lease=True) if self._store is not None else None
+        view = self._store.view() if self._store is not None else None
         account = _Account(config, view)
         if view is not None:
             account.reason = FAIR_SHARE
@@ -566,6 +582,9 @@ class GatewayFleet:
     def _launch(self, account: _Account) -> None:
         account.abort = asyncio.Event()
         account.stop_state, account.stop_reason = "stopped", FLEET_STOPPED
+        if account.view is not None:
+            # A restart after a transient failure keeps the lease; a stop releases it.
+            account.view.release_lease_with_gateway = False
         account.task = self._runners.spawn(
             self._run(account), name=f"parall-fleet-account-{account.account_id}"
         )
@@ -576,6 +595,8 @@ class GatewayFleet:
         self._changed = asyncio.Event()
 
     def _settled(self) -> bool:
+        if self._ended:
+            return True
         return self._leases_looked and all(
             a.state in ("running", "stopped", "not_held") for a in self._accounts.values()
         )
@@ -628,7 +649,7 @@ class GatewayFleet:
                 return
             if was_ready:
                 failures = 0
-            if error is not None and is_transient(error):
+            if error is not None and self._restartable(account, error):
                 failures += 1
                 delay = self._backoff.delay(failures)
                 reason = f"{_describe(error)} (restart {failures} in {delay:.1f} s)"
@@ -652,6 +673,15 @@ class GatewayFleet:
             return
         self._set(account, account.stop_state, account.stop_reason)
         log.info("account %r %s: %s", account_id, account.stop_state, account.stop_reason)
+
+    @staticmethod
+    def _restartable(account: _Account, error: BaseException) -> bool:
+        """A transient failure; with a shared store also a store error (a database blip
+        at start-up, a pool timeout): the database is shared, so it is not the account's
+        fault, and the account must not stay stopped while no process runs it."""
+        return is_transient(error) or (
+            account.view is not None and isinstance(error, StateStoreError)
+        )
 
     async def _retake(self, account: _Account) -> bool:
         """Before a restart: take the lease again (renewed if still this process's, a
@@ -740,32 +770,60 @@ class GatewayFleet:
 
     # --- leases (a shared store) ------------------------------------------------------------
 
-    async def _lease_loop(self, store: PostgresStateStore) -> None:
-        """Look at the leases every ``min(lease_ttl / 3, 2)`` seconds (sooner when an
-        account is added or its run ends): heartbeat, renew (every third of the time to
-        live), hand the surplus over, take free leases up to the fair share. During the
-        shutdown it only renews, until the runners are done."""
-        tick = min(store.lease_ttl / 3, MAX_TICK)
+    def _tick(self, store: PostgresStateStore) -> float:
+        return min(store.lease_ttl / 3, MAX_TICK)
+
+    async def _renew_loop(self, store: PostgresStateStore) -> None:
+        """Renew every held lease in one statement every third of ``lease_ttl`` (every
+        look while renewals fail), and stop an account whose lease is lost or has run
+        out in this machine's clock. Its own task, so that nothing the balancing waits
+        for (a slow platform, many takes) delays a renewal. Runs until the fleet's
+        runners are done (a shutting-down account keeps its lease until released)."""
+        tick = self._tick(store)
         renew_every = store.lease_ttl / 3
         loop = asyncio.get_running_loop()
         renewed_at = loop.time()
         failing = False
         while True:
+            if loop.time() - renewed_at >= renew_every * 0.95 or failing:
+                try:
+                    await self._renew(store)
+                except StateStoreError as exc:
+                    if not failing:
+                        _log.warning("leases not renewed: %s (tried again)", str(exc))
+                    failing = True
+                except Exception:
+                    _log.exception("leases not renewed (tried again)")
+                    failing = True
+                else:
+                    renewed_at = loop.time()
+                    if failing:
+                        _log.info("leases renewed again")
+                    failing = False
+            self._expire_unrenewed()
+            await asyncio.sleep(tick)
+
+    async def _balance_loop(self, store: PostgresStateStore) -> None:
+        """Look at the leases every ``min(lease_ttl / 3, 2)`` seconds (sooner when an
+        account is added or its run ends): heartbeat, hand the surplus over, take free
+        leases up to this process's share. Stops looking once the fleet shuts down."""
+        tick = self._tick(store)
+        failing = False
+        while not self._stopping:
             self._look_now.clear()
             try:
-                if loop.time() - renewed_at >= renew_every * 0.95:
-                    renewed_at = loop.time()
-                    await self._renew(store)
-                if not self._stopping:
-                    await self._balance(store)
-                if failing:
-                    _log.info("the shared store answers again")
-                failing = False
+                await self._balance(store, lasts=3 * tick)
             except StateStoreError as exc:
                 if not failing:
                     _log.warning("leases: %s (tried again)", str(exc))
                 failing = True
-                self._expire_unrenewed()
+            except Exception:
+                _log.exception("leases: the look failed (tried again)")
+                failing = True
+            else:
+                if failing:
+                    _log.info("the shared store answers again")
+                failing = False
             finally:
                 if not self._leases_looked:
                     self._leases_looked = True
@@ -801,6 +859,8 @@ class GatewayFleet:
         for account in self._held():
             view = account.view
             assert view is not None
+            if account.abort.is_set():
+                continue  # shutting down: its lease may be released already
             try:
                 view.check_held()
             except LeaseLost:
@@ -808,17 +868,22 @@ class GatewayFleet:
                 account.stop("not_held", reason)
                 self._set(account, "not_held", reason)
 
-    def _share(self, live: int) -> int:
-        share = math.ceil(len(self._accounts) / max(1, live))
+    def _share(self, capacities: list[int | None]) -> int:
+        """This process's share of the accounts: the least level that the live processes,
+        each taking up to the level or its capacity, cover every account with (the
+        accounts divided by the processes, rounded up, without capacities)."""
+        share = fair_share(len(self._accounts), capacities)
         return share if self._capacity is None else min(share, self._capacity)
 
-    async def _balance(self, store: PostgresStateStore) -> None:
+    async def _balance(self, store: PostgresStateStore, *, lasts: float) -> None:
         """One look: heartbeat, then hand the surplus over or take free leases."""
-        live = await store.heartbeat(self._fleet_name, self._capacity)
-        if live != self._live_processes:
-            _log.info("%d fleet process(es) share the accounts", live)
-            self._live_processes = live
-        share = self._share(live)
+        capacities = await store.heartbeat(self._fleet_name, self._capacity, lasts=lasts)
+        if self._capacity not in capacities:
+            capacities.append(self._capacity)  # (its row expired and was just written)
+        if len(capacities) != self._live_processes:
+            _log.info("%d fleet process(es) share the accounts", len(capacities))
+            self._live_processes = len(capacities)
+        share = self._share(capacities)
         held = [a for a in self._held() if not a.abort.is_set()]
         if len(held) > share:
             self._hand_over(held, len(held) - share, share)
@@ -914,10 +979,30 @@ class GatewayFleet:
         return True
 
     async def _leave(self, store: PostgresStateStore) -> None:
-        """At the end: delete this process's heartbeat row, close the store."""
+        """At the start of the shutdown: delete this process's heartbeat row, so the
+        others count it out at once."""
         try:
             await store.leave()
         except StateStoreError as exc:
             _log.warning("the fleet's heartbeat row was not deleted: %s", str(exc))
-        finally:
-            await store.close()
+
+
+def fair_share(accounts: int, capacities: Iterable[int | None]) -> int:
+    """The least number of accounts ``L`` such that the processes, each holding
+    ``min(L, its capacity)`` (``None``: no cap), hold every account; when their
+    capacities add up to fewer than ``accounts``, the largest capacity (every process
+    then takes all it may). Without capacities: ``accounts`` divided by the processes,
+    rounded up."""
+    caps = list(capacities) or [None]
+    if accounts <= 0:
+        return 0
+    if all(cap is not None for cap in caps) and sum(c for c in caps if c is not None) < accounts:
+        return max(c for c in caps if c is not None)
+    low, high = 1, accounts
+    while low < high:  # the least level that covers every account
+        level = (low + high) // 2
+        if sum(level if cap is None else min(level, cap) for cap in caps) >= accounts:
+            high = level
+        else:
+            low = level + 1
+    return low

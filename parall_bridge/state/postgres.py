@@ -67,6 +67,16 @@ __all__ = [
 
 _log = logging.getLogger("parall_bridge.state.postgres")
 
+
+def _clock() -> float:
+    """Seconds on a clock that keeps counting while the machine is suspended (Linux's
+    ``CLOCK_BOOTTIME``; ``time.monotonic`` elsewhere): a lease's local deadline must pass
+    during a suspend as it does on the database server."""
+    return time.clock_gettime(_BOOTTIME) if _BOOTTIME is not None else time.monotonic()
+
+
+_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+
 SCHEMA = "parall_bridge"
 """The PostgreSQL schema (namespace) that holds the store's tables (spelt out in the SQL)."""
 
@@ -217,8 +227,8 @@ _HEARTBEAT = """INSERT INTO parall_bridge.processes AS process (holder, fleet, c
         expires_at = excluded.expires_at"""
 _FORGET_GONE = """DELETE FROM parall_bridge.processes
     WHERE expires_at < clock_timestamp() - make_interval(secs => $1)"""
-_LIVE_PROCESSES = """SELECT count(*) FROM parall_bridge.processes
-    WHERE fleet = $1 AND expires_at > clock_timestamp()"""
+_LIVE_PROCESSES = """SELECT capacity FROM parall_bridge.processes
+    WHERE fleet = $1 AND expires_at > clock_timestamp() ORDER BY holder"""
 _LEAVE = "DELETE FROM parall_bridge.processes WHERE holder = $1"
 _HELD_BY_OTHERS = """SELECT parall_url, org_id, agent_id FROM parall_bridge.leases
     WHERE holder <> $1 AND expires_at > clock_timestamp()"""
@@ -352,17 +362,21 @@ class PostgresStateStore(StateStore):
         self._pool_size = pool_size
         self._holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._parent: PostgresStateStore | None = None  # set on a view: its pool is the parent's
-        self._release_lease_with_gateway = False
+        self.release_lease_with_gateway = False
+        """Whether :meth:`release` (a gateway done with the store, in its shutdown once
+        flushed) releases the lease too: set by :meth:`view` ``release_lease``, and by a
+        fleet before it stops an account for good (not when it restarts one)."""
         self._fenced = False
         self._loaded_epoch: int | None = None  # the lease epoch its load ran under
         self._lease: Lease | None = None
-        # time.monotonic() by which the lease surely expired, unless renewed: counted from
+        # _clock() by which the lease surely expired, unless renewed: counted from
         # before the statement that set its expiry, so never later than the server's.
         self._deadline = -math.inf
         self._dsn = dsn
         self._secrets = _secrets_of(dsn)
         self._description = _describe(dsn)
         self._pool: _Pool | None = None
+        self._lease_pool: _Pool | None = None
         self._server_error: type[Exception] = Exception  # asyncpg.PostgresError, once open
         self._owner: StoreIdentity | None = None
         self._account: int | None = None
@@ -421,7 +435,7 @@ class PostgresStateStore(StateStore):
             op_timeout=self._op_timeout,
         )
         child._parent = self
-        child._release_lease_with_gateway = release_lease
+        child.release_lease_with_gateway = release_lease
         return child
 
     def check_held(self) -> None:
@@ -437,7 +451,7 @@ class PostgresStateStore(StateStore):
             raise LeaseLost(
                 f"state store {self._description} holds no lease (another holder has it)"
             )
-        if time.monotonic() >= self._deadline:
+        if _clock() >= self._deadline:
             raise LeaseLost(
                 f"state store {self._description}: {lease.describe()} expired (not renewed "
                 f"within {self._lease_ttl:g} s)"
@@ -462,7 +476,7 @@ class PostgresStateStore(StateStore):
         """
         key = self._lease_key(parall_url, org_id, agent_id)
         self._fenced = True
-        asked = time.monotonic()
+        asked = _clock()
         async with self._errors("acquire a lease"), self._connection() as conn:
             row = await conn.fetchrow(_ACQUIRE_LEASE, *key, self._holder, self._lease_ttl)
         if row is None:
@@ -482,7 +496,7 @@ class PostgresStateStore(StateStore):
             StateStoreError: the store is not open, or the database failed.
         """
         self._check_holder(lease)
-        asked = time.monotonic()
+        asked = _clock()
         async with self._errors("renew a lease"), self._connection() as conn:
             row = await conn.fetchrow(
                 _RENEW_LEASE, *lease.key, lease.holder, lease.epoch, self._lease_ttl
@@ -524,9 +538,9 @@ class PostgresStateStore(StateStore):
                     f"({view._holder!r}) cannot be renewed with this store's"
                 )
         renewed: dict[tuple[str, str, str], datetime.datetime] = {}
-        asked = time.monotonic()
+        asked = _clock()
         if leases:
-            async with self._errors("renew leases"), self._connection() as conn:
+            async with self._errors("renew leases"), self._lease_connection() as conn:
                 rows = await conn.fetch(
                     _RENEW_LEASES,
                     self._holder,
@@ -543,27 +557,31 @@ class PostgresStateStore(StateStore):
         lost: list[PostgresStateStore] = []
         for view, lease in held:
             expires_at = renewed.get(lease.key) if lease is not None else None
-            if lease is None or expires_at is None:
-                lost.append(view)
-            else:
+            if lease is not None and expires_at is not None:
                 view._renewed(attrs.evolve(lease, expires_at=expires_at), asked)
+            elif view._lease is lease:  # (not acquired again meanwhile)
+                lost.append(view)
         return lost
 
-    async def heartbeat(self, fleet: str, capacity: int | None = None) -> int:
-        """Say this holder's fleet process is alive (its row in
-        ``parall_bridge.processes`` lives for :attr:`lease_ttl`) and count the live
-        processes of ``fleet`` (this one included): what a fleet divides its accounts by.
-        Rows of processes gone for ten times the time to live are deleted.
+    async def heartbeat(
+        self, fleet: str, capacity: int | None = None, *, lasts: float | None = None
+    ) -> list[int | None]:
+        """Say this holder's fleet process is alive (its row in ``parall_bridge.processes``
+        lives ``lasts`` seconds, :attr:`lease_ttl` by default) and list the live processes
+        of ``fleet`` (this one included) by their ``capacity`` (``None``: no cap): what a
+        fleet shares its accounts out by. Rows of processes gone for ten times the time
+        to live are deleted.
 
         Raises:
             StateStoreError: the store is not open, or the database failed.
         """
-        async with self._errors("heartbeat"), self._connection() as conn:
+        lasts = self._lease_ttl if lasts is None else lasts
+        async with self._errors("heartbeat"), self._lease_connection() as conn:
             async with conn.transaction():
-                await conn.execute(_HEARTBEAT, self._holder, fleet, capacity, self._lease_ttl)
+                await conn.execute(_HEARTBEAT, self._holder, fleet, capacity, lasts)
                 await conn.execute(_FORGET_GONE, 10 * self._lease_ttl)
-            live = await conn.fetchval(_LIVE_PROCESSES, fleet)
-        return max(1, int(live))
+            rows = await conn.fetch(_LIVE_PROCESSES, fleet)
+        return [None if row["capacity"] is None else int(row["capacity"]) for row in rows]
 
     async def held_by_others(self) -> set[tuple[str, str, str]]:
         """The accounts (platform URL, org, agent id) whose lease another holder has, live
@@ -572,7 +590,7 @@ class PostgresStateStore(StateStore):
         Raises:
             StateStoreError: the store is not open, or the database failed.
         """
-        async with self._errors("list leases"), self._connection() as conn:
+        async with self._errors("list leases"), self._lease_connection() as conn:
             rows = await conn.fetch(_HELD_BY_OTHERS, self._holder)
         return {(row["parall_url"], row["org_id"], row["agent_id"]) for row in rows}
 
@@ -583,7 +601,7 @@ class PostgresStateStore(StateStore):
         Raises:
             StateStoreError: the store is not open, or the database failed.
         """
-        async with self._errors("leave"), self._connection() as conn:
+        async with self._errors("leave"), self._lease_connection() as conn:
             await conn.execute(_LEAVE, self._holder)
 
     async def release_lease(self, lease: Lease) -> None:
@@ -676,6 +694,15 @@ class PostgresStateStore(StateStore):
                 command_timeout=self._op_timeout,
                 timeout=self._op_timeout,
             )
+            # Leases and heartbeats have a connection of their own (opened when first
+            # used): they never queue behind the accounts' writes.
+            self._lease_pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=0,
+                max_size=1,
+                command_timeout=self._op_timeout,
+                timeout=self._op_timeout,
+            )
         try:
             async with self._errors("open"), self._connection() as conn:
                 await self._migrate(conn)
@@ -685,9 +712,17 @@ class PostgresStateStore(StateStore):
 
     async def _close_store(self) -> None:
         pool, self._pool = self._pool, None
+        lease_pool, self._lease_pool = self._lease_pool, None
         self._account = None
-        if pool is None or self._parent is not None:
-            return  # a view's pool is its parent's to close
+        if self._parent is not None:
+            return  # a view's pools are its parent's to close
+        if lease_pool is not None:
+            await self._close_pool(lease_pool)
+        if pool is not None:
+            await self._close_pool(pool)
+
+    @staticmethod
+    async def _close_pool(pool: _Pool) -> None:
         try:
             await pool.close()
         except Exception:  # a connection already broken: nothing left to close cleanly
@@ -766,7 +801,7 @@ class PostgresStateStore(StateStore):
         self._account = None
         await super().release()
         lease = self._lease
-        if self._release_lease_with_gateway and lease is not None:
+        if self.release_lease_with_gateway and lease is not None:
             try:
                 await self.release_lease(lease)
             except StateStoreError as exc:
@@ -774,8 +809,12 @@ class PostgresStateStore(StateStore):
 
     # --- helpers ------------------------------------------------------------------------
 
+    def _lease_connection(self) -> AbstractAsyncContextManager[_Connection]:
+        """A connection for lease and heartbeat statements: the lease pool's."""
+        return self._connection(lease=True)
+
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[_Connection]:
+    async def _connection(self, *, lease: bool = False) -> AsyncIterator[_Connection]:
         if self._pool is None:
             raise StateStoreError(f"state store {self._description} is not open")
         if self._parent is not None and self._parent._pool is not self._pool:
@@ -783,7 +822,8 @@ class PostgresStateStore(StateStore):
                 f"state store {self._description} is not open (the store it is a view of "
                 "was closed)"
             )
-        async with self._pool.acquire(timeout=self._op_timeout) as conn:
+        pool = self._lease_pool if lease and self._lease_pool is not None else self._pool
+        async with pool.acquire(timeout=self._op_timeout) as conn:
             try:
                 yield conn
             except (self._server_error, StateStoreError):

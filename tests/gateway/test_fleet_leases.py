@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
 from parall_bridge import GatewayConfig, GatewayFleet, StateStoreError
-from parall_bridge.gateway.fleet import HELD_ELSEWHERE
+from parall_bridge.cli import run_fleet
+from parall_bridge.gateway.fleet import HELD_ELSEWHERE, fair_share
 from parall_bridge.models import User
 from parall_bridge.runtime import Turn
-from parall_bridge.state import PostgresStateStore
+from parall_bridge.state import PostgresStateStore, StoredState, StoreIdentity
 from parall_bridge.testing import FakeParallServer
 
 from ..conftest import library_tasks
 from ..state._postgres import query
 from ._harness import FAST_BACKOFF, ScriptedRuntime
-from .test_fleet import Accounts
+from .test_fleet import Accounts, FailingStart
 
 TTL = 1.5
 """The tests' lease time to live: looks every 0.5 s, takeovers within seconds."""
@@ -44,9 +47,10 @@ class Process:
         configs: list[GatewayConfig],
         *,
         capacity: int | None = None,
+        lease_ttl: float = TTL,
     ) -> None:
         self.name = name
-        self.store = PostgresStateStore(dsn, lease_ttl=TTL, holder=name)
+        self.store = PostgresStateStore(dsn, lease_ttl=lease_ttl, holder=name)
         self.fleet = GatewayFleet(
             configs,
             accounts.runtime_factory,
@@ -332,3 +336,197 @@ async def test_add_and_remove_on_a_shared_store(postgres_dsn: str, accounts: Acc
         assert proc.fleet.account_ids == ("b",)
         leases = await live_leases(postgres_dsn)
         assert set(leases) == {accounts.agents["b"].user_id}
+
+
+# --- shares, failures, and the lease loops ------------------------------------------------
+
+
+def test_the_fair_share_covers_every_account_under_the_capacities() -> None:
+    assert fair_share(300, [None, None, None]) == 100
+    assert fair_share(301, [None, None, None]) == 101
+    assert fair_share(4, [1, None]) == 3  # the capped process takes 1, the other 3
+    assert fair_share(10, [2, 2, None]) == 6
+    assert fair_share(10, [2, 3]) == 3  # the caps are short: each takes all it may
+    assert fair_share(0, [None]) == 0
+    assert fair_share(5, []) == 5
+
+
+@pytest.mark.asyncio
+async def test_a_capped_process_beside_an_uncapped_one_leaves_no_account_unheld(
+    postgres_dsn: str, accounts: Accounts
+) -> None:
+    configs = [accounts.add(name) for name in ("a", "b", "c", "d")]
+    capped = Process(postgres_dsn, "capped", accounts, configs, capacity=1)
+    free = Process(postgres_dsn, "free", accounts, configs)
+    async with processes(capped, free):
+        await until(
+            accounts,
+            lambda: len(capped.holding()) == 1 and len(free.holding()) == 3,
+        )
+        assert capped.holding() | free.holding() == {"a", "b", "c", "d"}
+
+
+@pytest.mark.asyncio
+async def test_a_store_error_at_start_up_restarts_the_account_instead_of_stopping_it(
+    postgres_dsn: str, accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_load = PostgresStateStore._load
+    loads = 0
+
+    async def blip_once(self: PostgresStateStore, identity: StoreIdentity) -> StoredState:
+        nonlocal loads
+        loads += 1
+        if loads == 1:
+            raise StateStoreError("state store: load failed: ConnectionResetError (a blip)")
+        return await real_load(self, identity)
+
+    monkeypatch.setattr(PostgresStateStore, "_load", blip_once)
+    proc = Process(postgres_dsn, "p1", accounts, [accounts.add("a")])
+    async with processes(proc):
+        await until(accounts, lambda: proc.holding() == {"a"})
+    assert loads == 2
+
+
+@pytest.mark.asyncio
+async def test_a_restart_after_a_transient_failure_keeps_the_lease(
+    postgres_dsn: str, accounts: Accounts, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The account's lease stays this process's across its restarts (the same epoch, no
+    lease lost), and the backoff grows as it would without a store."""
+    caplog.set_level(logging.INFO, logger="parall_bridge.gateway.fleet")
+
+    def make(config: GatewayConfig) -> ScriptedRuntime:
+        runs = len(accounts.runtimes.get(config.account_id, []))
+        return FailingStart() if runs < 3 else ScriptedRuntime(reply)
+
+    accounts.make_runtime = make
+    proc = Process(postgres_dsn, "p1", accounts, [accounts.add("a")])
+    async with processes(proc):
+        await until(accounts, lambda: proc.holding() == {"a"})
+        epochs = await query(postgres_dsn, "SELECT epoch FROM parall_bridge.leases")
+        assert epochs == [(1,)]
+    assert len(accounts.runtimes["a"]) == 4
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "lease was lost" in m]
+    assert len([m for m in messages if "restarting it in" in m]) == 3
+
+
+@pytest.mark.asyncio
+async def test_wait_ready_returns_when_the_fleet_could_not_start_or_stopped_at_once(
+    postgres_dsn: str, accounts: Accounts
+) -> None:
+    nowhere = postgres_dsn.replace("host=", "host=/nonexistent")
+    broken = GatewayFleet(
+        [accounts.add("a")],
+        accounts.runtime_factory,
+        store=PostgresStateStore(nowhere, op_timeout=2.0),
+    )
+    start = asyncio.get_running_loop().create_task(broken.start(asyncio.Event()))
+    waiter = asyncio.get_running_loop().create_task(broken.wait_ready())
+    with pytest.raises(StateStoreError):
+        await start
+    await asyncio.wait_for(waiter, 5.0)
+    aborted = asyncio.Event()
+    aborted.set()
+    quick = GatewayFleet(
+        [accounts.add("b")], accounts.runtime_factory, store=PostgresStateStore(postgres_dsn)
+    )
+    await asyncio.wait_for(quick.start(aborted), 15.0)
+    await asyncio.wait_for(quick.wait_ready(), 5.0)
+    assert quick.stats()["accounts"]["b"]["state"] == "stopped"
+
+
+@pytest.mark.asyncio
+async def test_run_fleet_exits_0_when_accounts_were_left_to_other_processes(
+    postgres_dsn: str, accounts: Accounts
+) -> None:
+    configs = [accounts.add(name) for name in ("a", "b")]
+    stop = asyncio.Event()
+    lines: list[str] = []
+    task = asyncio.get_running_loop().create_task(
+        run_fleet(
+            configs,
+            accounts.runtime_factory,
+            stop=stop,
+            out=lines.append,
+            store=PostgresStateStore(postgres_dsn, lease_ttl=TTL),
+            capacity=1,
+        )
+    )
+    try:
+        await until(accounts, lambda: sum(len(r) for r in accounts.runtimes.values()) == 1)
+        await until(
+            accounts, lambda: any(r[0].info is not None for r in accounts.runtimes.values())
+        )
+    finally:
+        stop.set()
+        status = await asyncio.wait_for(task, 30.0)
+    assert status == 0, lines
+
+
+@pytest.mark.asyncio
+async def test_a_failing_look_is_logged_and_the_next_one_goes_on(
+    postgres_dsn: str,
+    accounts: Accounts,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    accounts.make_runtime = lambda _: ScriptedRuntime(reply)
+    real_heartbeat = PostgresStateStore.heartbeat
+    beats = 0
+
+    async def buggy_once(
+        self: PostgresStateStore, fleet: str, capacity: int | None = None, **kwargs: Any
+    ) -> list[int | None]:
+        nonlocal beats
+        beats += 1
+        if beats == 2:
+            raise TypeError("a bug")
+        return await real_heartbeat(self, fleet, capacity, **kwargs)
+
+    monkeypatch.setattr(PostgresStateStore, "heartbeat", buggy_once)
+    proc = Process(postgres_dsn, "p1", accounts, [accounts.add("a")])
+    async with processes(proc):
+        await asyncio.wait_for(proc.fleet.wait_ready(), 15.0)
+        await until(accounts, lambda: beats >= 4)  # looks went on after the failure
+        failed = [r for r in caplog.records if "the look failed" in r.getMessage()]
+        assert len(failed) == 1
+        assert failed[0].exc_info is not None
+        accounts.post("a", "still")
+        await until(accounts, lambda: replies(accounts, "a") == ["re still"])
+
+
+@pytest.mark.asyncio
+async def test_a_rolling_stop_moves_an_idle_account_while_a_busy_one_finishes(
+    postgres_dsn: str, accounts: Accounts
+) -> None:
+    """The stopping process is counted out at once and releases each account once it is
+    flushed: the idle one moves long before the busy one's turn ends, well within the
+    issue's 15 seconds (with the default 30-second lease)."""
+    hang = asyncio.Event()
+
+    async def slow(turn: Turn) -> str | None:
+        await hang.wait()
+        return "ok"
+
+    accounts.make_runtime = lambda _: ScriptedRuntime(slow)
+    configs = [accounts.add(name, shutdown_grace=20.0) for name in ("a", "b", "c", "d")]
+    first = Process(postgres_dsn, "A", accounts, configs, lease_ttl=30.0)
+    second = Process(postgres_dsn, "B", accounts, configs, lease_ttl=30.0)
+    try:
+        async with processes(first, second):
+            await until(accounts, lambda: len(first.holding()) == 2 and len(second.holding()) == 2)
+            busy, idle = sorted(first.holding())
+            accounts.post(busy, "busy")
+            await until(accounts, lambda: bool(accounts.runtime(busy).active))
+            first.abort.set()
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            await until(accounts, lambda: idle in second.holding())
+            moved_after = loop.time() - began
+            assert busy not in second.holding()  # still finishing its turn in A
+            hang.set()
+            await until(accounts, lambda: second.holding() == {"a", "b", "c", "d"})
+        assert moved_after < 15.0
+    finally:
+        hang.set()

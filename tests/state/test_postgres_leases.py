@@ -572,23 +572,19 @@ async def test_heartbeats_count_the_live_processes_of_one_fleet(postgres_dsn: st
         PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="p2") as p2,
         PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="p3") as p3,
     ):
-        assert await p1.heartbeat("fleet-a") == 1
-        assert await p2.heartbeat("fleet-a", capacity=5) == 2
-        assert await p3.heartbeat("fleet-b") == 1  # another fleet on the same database
-        assert await p1.heartbeat("fleet-a") == 2
+        assert await p1.heartbeat("fleet-a") == [None]
+        assert await p2.heartbeat("fleet-a", capacity=5) == [None, 5]  # by holder
+        assert await p3.heartbeat("fleet-b") == [None]  # another fleet on the same database
+        assert await p1.heartbeat("fleet-a") == [None, 5]
         rows = await query(
             postgres_dsn, "SELECT holder, fleet, capacity FROM parall_bridge.processes ORDER BY 1"
         )
         assert rows == [("p1", "fleet-a", None), ("p2", "fleet-a", 5), ("p3", "fleet-b", None)]
         await p2.leave()
-        assert await p1.heartbeat("fleet-a") == 1
+        assert await p1.heartbeat("fleet-a") == [None]
         # A process gone without leaving stops counting once its row expires.
-        await p2.heartbeat("fleet-a")
-        await query(
-            postgres_dsn,
-            "UPDATE parall_bridge.processes SET expires_at = clock_timestamp() WHERE holder = 'p2'",
-        )
-        assert await p1.heartbeat("fleet-a") == 1
+        await p2.heartbeat("fleet-a", lasts=0.0)
+        assert await p1.heartbeat("fleet-a") == [None]
 
 
 @pytest.mark.asyncio
