@@ -63,9 +63,11 @@ bench: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.fleet
 	$(PY) -m benchmarks.import_time
 
-soak: $(VENV)/.installed-dev
+# The fleet soak runs its fleet processes on a throwaway PostgreSQL server.
+soak: $(VENV)/.installed-dev postgres-server
 	$(PY) -m benchmarks.soak
 	$(PY) -m benchmarks.crash
+	$(PY) -m benchmarks.fleet_soak
 
 fuzz: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.fuzz

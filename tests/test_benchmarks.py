@@ -11,6 +11,7 @@ import collections
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,11 @@ import pytest
 from benchmarks import fleet, import_time, perf, profile
 from benchmarks.bench import BenchResult, run_benchmarks
 from benchmarks.crash import crash_soak
+from benchmarks.fleet_soak import fleet_soak
 from benchmarks.fuzz import FuzzReport, Outcome, Target, fuzz
 from benchmarks.fuzz_cases import GATEWAY_ENDPOINTS, REST_KINDS, WS_KINDS, RestCase, draw_cases
 from benchmarks.soak import soak
+from parall_bridge.testing import postgres
 
 FUZZ_CASES = 60
 FUZZ_SEED = 11
@@ -247,6 +250,42 @@ async def test_crash_soak_smoke() -> None:
     assert report.ok, report.lines()
     assert report.pending_at_end == 0
     assert report.final_exit == 0
+
+
+def _our_clusters() -> list[Path]:
+    """Throwaway PostgreSQL clusters made by this process and still on disk."""
+    ours = []
+    for owner in Path(tempfile.gettempdir()).glob(f"{postgres.PREFIX}*/{postgres.OWNER}"):
+        try:
+            if owner.read_text(encoding="ascii") == str(os.getpid()):
+                ours.append(owner.parent)
+        except OSError:
+            continue  # another process's, deleted meanwhile
+    return ours
+
+
+@pytest.mark.asyncio
+async def test_fleet_soak_smoke(tmp_path: Path) -> None:
+    """A short fleet soak: 3 fleet processes on one PostgreSQL store share 16 accounts;
+    one is SIGKILLed and restarted, another rolled (new instance first, SIGTERM to the
+    old): no second reply, nothing lost, nothing acked without a turn, every step
+    settled, every lease released at the end, no process nor cluster left."""
+    clusters = _our_clusters()
+    report = await fleet_soak(
+        6.0, accounts=16, processes=3, rate=5.0, lease_ttl=2.0, seed=5, workdir=tmp_path
+    )
+    assert report.ok, report.lines()
+    assert report.messages == 30
+    assert report.pending_at_end == 0
+    assert report.notes == [], report.lines()
+    assert report.takeover_seconds is not None
+    assert report.rolled_seconds is not None
+    assert set(report.exits) == {"B", "C", "A'", "B'"}
+    assert all(code == 0 for code in report.exits.values()), report.exits
+    assert report.leases_live_at_end == 0
+    assert len(report.unheld) == 16
+    assert _perf_children(b"fleet_soak_worker") == []
+    assert _our_clusters() == clusters
 
 
 @pytest.fixture(scope="module")
