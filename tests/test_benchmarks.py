@@ -198,8 +198,7 @@ def test_fleet_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     for key, figure in figures.items():
         assert isinstance(figure["ours"], int | float), key
         assert math.isfinite(figure["ours"]), key
-        if figure["baseline"] is not None:
-            assert figure["baseline"] > 0, key
+        if figure["baseline"]:  # (a memory growth of 20 bare connections can be 0)
             assert figure["ratio"] == pytest.approx(figure["ours"] / figure["baseline"]), key
         assert (figure["goal"] is None) == (figure["met"] is None), key
         assert figure["name"] in printed, key
@@ -212,7 +211,7 @@ def test_fleet_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         assert figures[key]["ours"] == 0, key
         assert figures[key]["met"] is True, key
     assert details["unexpected"] == 0
-    assert figures["fleet_rss_per_account"]["ours"] > 0
+    assert figures["fleet_rss_per_account"]["ours"] >= 0  # pages: 20 gateways may fit in freed ones
     assert figures["fleet_fds_per_account"]["ours"] >= 1  # a WebSocket each, at least
     ulimit = int(figures["fleet_ulimit"]["ours"])
     assert ulimit == fleet.recommended_ulimit(

@@ -217,6 +217,8 @@ async def test_run_fleet_runs_the_accounts_of_a_file_until_stopped(
                 server.dispatch_count(agent.user_id, acked=True) == 1 for agent in (support, sales)
             )
         )
+        # The revoked key was refused (on a loaded machine, maybe only now).
+        await server.wait_for(lambda: any(r.status == 401 for r in server.requests))
     finally:
         stop.set()
         status = await asyncio.wait_for(task, 30.0)

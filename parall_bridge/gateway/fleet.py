@@ -641,8 +641,13 @@ class GatewayFleet:
             if account.state != "starting":
                 self._set(account, "starting", None)
             error, was_ready = await self._run_gateway(account, gateway, client)
-            if account.abort.is_set():
-                break
+            final = (
+                error is not None
+                and not isinstance(error, LeaseLost)
+                and not self._restartable(account, error)
+            )
+            if account.abort.is_set() and not final:
+                break  # (a refusal as the fleet stops is still said, below)
             if isinstance(error, LeaseLost):
                 log.warning("account %r: %s: %s", account_id, LEASE_LOST, str(error))
                 self._set(account, "not_held", f"{LEASE_LOST}: {error}")
