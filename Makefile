@@ -36,8 +36,10 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy --strict parall_bridge tests benchmarks examples tools
 
+# The suite runs on every core (pytest-xdist): each worker has its own emulators and, when
+# a test asks for one, its own throwaway PostgreSQL server.
 pytest: $(VENV)/.installed-dev postgres-server
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto
 
 # The PostgreSQL store's tests start a throwaway server (initdb and pg_ctl into a temporary
 # folder): Debian's postgresql package provides them. A no-op when they are there.
