@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import gc
 import importlib
 import inspect
 import logging
@@ -381,10 +382,17 @@ async def run_fleet(
     durable: bool = True,
     store: StateStore | None = None,
     capacity: int | None = None,
+    freeze_gc: bool = True,
 ) -> int:
     """Run a fleet of ``configs`` until ``stop`` is set (SIGINT or SIGTERM when not
     given); returns the exit status: 1 when an account stopped for an error (each such
     account is said in one line) or the store could not be opened, else 0.
+
+    With ``freeze_gc`` (the default: this is the host program), once every account is
+    ready the garbage collector is run and its survivors frozen (``gc.freeze()``), so
+    that its full passes no longer walk the accounts' long-lived objects (with 2,000
+    accounts, about a million, and a pause of up to a second each); unfrozen once the
+    fleet has stopped.
 
     With a ``store`` (a :class:`~parall_bridge.state.PostgresStateStore`) every account
     keeps its state there, under its lease (``capacity``: the most accounts this process
@@ -423,17 +431,36 @@ async def run_fleet(
         for config in configs:
             where = config.state_path or "in memory"
             out(f"account {config.account_id}: state {where}")
+    freezer = (
+        asyncio.get_running_loop().create_task(_freeze_gc_when_ready(fleet), name="fleet-gc")
+        if freeze_gc
+        else None
+    )
     try:
         await fleet.start(stop)
     except StateStoreError as exc:
         out(f"the shared store failed: {exc}")
         return EXIT_FAILED
+    finally:
+        if freezer is not None:
+            freezer.cancel()
+            await asyncio.gather(freezer, return_exceptions=True)
+            if freezer.done() and not freezer.cancelled() and freezer.exception() is None:
+                gc.unfreeze()  # the fleet's objects are garbage now
     status = EXIT_OK
     for account_id, account in fleet.stats()["accounts"].items():
         if account["reason"] not in (None, FLEET_STOPPED):
             out(f"account {account_id} stopped: {account['reason']}")
             status = EXIT_FAILED
     return status
+
+
+async def _freeze_gc_when_ready(fleet: GatewayFleet) -> None:
+    """Once every account of ``fleet`` is ready: collect, then ``gc.freeze()`` what
+    survived (the accounts' long-lived objects), out of every later collection."""
+    await fleet.wait_ready()
+    gc.collect()
+    gc.freeze()
 
 
 def _environment_help(*, state: bool) -> str:

@@ -27,6 +27,7 @@ import inspect
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Literal
@@ -80,7 +81,10 @@ _log = logging.getLogger("parall_bridge.ws")
 DEFAULT_HEARTBEAT_INTERVAL: Final = 30.0
 """Seconds between heartbeats when ``hello`` does not say (the protocol's default)."""
 PINGS_PER_INTERVAL: Final = 2
-"""Pings sent per heartbeat interval (the protocol: at least every interval / 2)."""
+"""Pings sent per heartbeat interval (the protocol: at least every interval / 2): one at
+once on connecting, the second at a random point within the ping interval (so that the
+thousands of connections of a fleet, opened together, do not all ping in the same
+second), then one every ping interval."""
 DEAD_AFTER_INTERVALS: Final = 2.0
 """A connection with no frame at all for this many heartbeat intervals is dead."""
 DEFAULT_HELLO_TIMEOUT: Final = 10.0
@@ -105,6 +109,10 @@ dead connection undetected for hours."""
 MAX_SEQ_JUMP: Final = 1_000_000
 """A ``seq`` more than this far above the highest seen is delivered but not adopted: one
 implausible number must not make every later event look like a duplicate."""
+
+_jitter: Callable[[], float] = random.random
+"""A number in [0, 1): how early in the ping interval the second ping comes (tests
+replace it)."""
 
 _PAYLOAD_TYPES: Final[dict[str, type[Any]]] = {
     p.FRAME_HELLO: Hello,
@@ -891,13 +899,17 @@ class ParallWs:
 
     async def _ping_loop(self, transport: _Transport) -> None:
         interval = self._heartbeat_interval / PINGS_PER_INTERVAL
+        # One ping at once, the next at a random point within the interval (never later),
+        # then every interval: many connections opened together spread their pings.
+        delay = interval * (1.0 - min(max(_jitter(), 0.0), 1.0))
         while not transport.closed:
             ts = int(time.time() * 1000)
             try:
                 await transport.send_json({"type": p.FRAME_PING, "data": {"ts": ts}})
             except (aiohttp.ClientError, ConnectionError, RuntimeError):
                 return
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
+            delay = interval
 
     def _read_frame(self, text: str, ended: _Ended) -> tuple[str, Any] | None:
         """Decode one frame; ``None`` when it is dropped (a duplicate, a pong) or skipped

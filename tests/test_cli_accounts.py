@@ -4,6 +4,7 @@ the command line against the emulator."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import textwrap
 from pathlib import Path
 
@@ -235,6 +236,45 @@ async def test_run_fleet_runs_the_accounts_of_a_file_until_stopped(
     assert (tmp_path / ".parall_bridge/sales.db").is_file()
     assert sorted(len(r.turns) for r in MADE) == [0, 1, 1]
     assert library_tasks(before) == set()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("freeze_gc", [True, False])
+async def test_run_fleet_freezes_the_collector_once_ready_and_unfreezes_at_the_end(
+    server: FakeParallServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    freeze_gc: bool,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    calls: list[str] = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
+    agent = server.add_agent("Support")
+    configs = [
+        GatewayConfig(server.url, agent.api_key, server.org_id, account_id="support"),
+    ]
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(
+        run_fleet(
+            configs,
+            lambda _config: FleetRuntime(),
+            stop=stop,
+            out=lambda _: None,
+            durable=False,
+            freeze_gc=freeze_gc,
+        ),
+        name="test-run-fleet-gc",
+    )
+    try:
+        await server.wait_for(lambda: len(server.ws_connections) == 1)
+        if freeze_gc:
+            await server.wait_for(lambda: calls == ["freeze"])  # once the account is ready
+    finally:
+        stop.set()
+        status = await asyncio.wait_for(task, 30.0)
+    assert status == 0
+    assert calls == (["freeze", "unfreeze"] if freeze_gc else [])
 
 
 def test_store_and_capacity_usage_errors(

@@ -28,6 +28,7 @@ from parall_bridge import (
     WsTicket,
 )
 from parall_bridge import protocol as p
+from parall_bridge import ws as ws_module
 from parall_bridge.testing import AgentAccount, FakeParallServer
 from parall_bridge.ws import Backoff, ConnectionState, ParallWs, StateChange
 
@@ -555,6 +556,29 @@ async def test_pings_measure_latency(agent: AgentAccount) -> None:
                 assert 0 <= ws.latency < 1.0
                 pings = [f for f in fast.ws_frames if f.type == p.FRAME_PING]
                 assert isinstance(pings[0].data["ts"], int)
+            finally:
+                await ws.disconnect()
+
+
+@pytest.mark.asyncio
+async def test_the_second_ping_comes_at_a_random_point_within_the_ping_interval(
+    agent: AgentAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Heartbeat interval 20 s: a ping every 10 s; drawn 0.99, the second ping comes
+    # 0.1 s after the first (so that a fleet's connections, opened together, spread).
+    monkeypatch.setattr(ws_module, "_jitter", lambda: 0.99)
+    async with FakeParallServer(heartbeat_interval=20.0) as slow:
+        slow.add_agent("Bot", api_key="pk_j")
+        async with ParallClient(slow.url, "pk_j", retry=FAST_RETRY) as c:
+            ws = ParallWs(c.get_ws_ticket, backoff=FAST_BACKOFF)
+
+            def pings() -> int:
+                return sum(1 for f in slow.ws_frames if f.type == p.FRAME_PING)
+
+            try:
+                await ws.connect()
+                await slow.wait_for(lambda: pings() >= 1)  # one at once
+                await slow.wait_for(lambda: pings() >= 2, timeout=5.0)  # not 10 s later
             finally:
                 await ws.disconnect()
 

@@ -3,7 +3,9 @@
 Typing is reference-counted per chat: the first turn for a chat sends
 ``start`` and refreshes it every ``typing_refresh`` seconds; the last one to
 end sends ``stop``. The heartbeat sends host metrics at the hello's interval
-and warns when the timer fires late (a blocked event loop).
+(the first beat after a hello at a random point within it, so that a fleet's
+gateways, connected together, do not all beat in the same second) and warns
+when the timer fires late (a blocked event loop).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +56,12 @@ class Presence:
         *,
         typing_refresh: float,
         drift_warning: float,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
+        """``jitter``: a number in [0, 1) drawn at each hello; the first beat comes that
+        fraction of the interval early."""
         self._ws = ws
+        self._jitter = jitter
         self._typing_refresh = typing_refresh
         self._drift_warning = drift_warning
         self._typing: dict[str, int] = {}
@@ -111,10 +119,13 @@ class Presence:
 
     async def _beat(self, session_id: str, interval: float) -> None:
         last = time.monotonic()
+        # The first beat at a random point within the interval, then every interval.
+        delay = interval * (1.0 - min(max(self._jitter(), 0.0), 1.0))
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
             now = time.monotonic()
-            drift = now - last - interval
+            drift = now - last - delay
+            delay = interval
             if drift > self._drift_warning:
                 _log.warning("heartbeat %.1f s late: the event loop may be blocked", drift)
             last = now

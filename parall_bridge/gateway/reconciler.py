@@ -4,8 +4,11 @@ A pass runs at once at start, before and independently of the WebSocket;
 after every ``hello`` and on ``recovery.overflow`` (asked for by the intake);
 and on a timer: every ``reconcile_interval`` while the WebSocket is connected,
 every ``outage_poll_interval`` while it is not, so an outage degrades to
-polling the dispatch queue over REST. The ledger's failed events are
-dispatched again as their retry times come.
+polling the dispatch queue over REST. The first timed pass after a pass asked
+for (the one at start, after a ``hello``) comes at a random point within the
+interval, then every interval: the thousands of gateways of a fleet, started or
+reconnected together, do not all reconcile in the same second. The ledger's
+failed events are dispatched again as their retry times come.
 
 On the process's first pass, the cold-start rule settles, without a turn,
 pending items older than ``cold_start_window``. With a durable store their age
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -58,6 +62,8 @@ class Reconciler:
         heard: called when the platform answered.
         ready: called after the first pass that follows a ``hello``.
         wake: set to make it look at the retry times again (a failed turn).
+        jitter: a number in [0, 1) drawn after each pass asked for: the next timed
+            pass comes that fraction of the interval early (``random.random``).
     """
 
     def __init__(
@@ -77,6 +83,7 @@ class Reconciler:
         heard: Callable[[], None],
         ready: Callable[[], None],
         wake: asyncio.Event,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self._client = client
         self._org_id = org_id
@@ -92,6 +99,8 @@ class Reconciler:
         self._heard = heard
         self._ready = ready
         self._wake = wake
+        self._jitter = jitter
+        self._phase = 0.0  # the fraction of the interval the next timed pass comes early
         self._requested = True  # the first pass runs at once, before any hello
         self._hello_seen = False
         self._stopping = False
@@ -114,7 +123,8 @@ class Reconciler:
         self._wake.set()
 
     def _next_interval(self) -> float:
-        return self._interval if self._connected() else self._outage_interval
+        interval = self._interval if self._connected() else self._outage_interval
+        return interval * (1.0 - self._phase)
 
     async def run(self) -> None:
         """Catch-up at once, after every hello and on overflow, on a timer (shorter while
@@ -138,7 +148,11 @@ class Reconciler:
                 return
             try:
                 if self._requested or self._clock() >= last_pass + self._next_interval():
-                    self._requested = False
+                    asked, self._requested = self._requested, False
+                    # After a pass asked for (at start, after a hello: every gateway of
+                    # a fleet at once), the next timed one comes at a random point
+                    # within the interval; then every interval.
+                    self._phase = min(max(self._jitter(), 0.0), 1.0) if asked else 0.0
                     await self.catch_up()
                     last_pass = self._clock()
                 self._sources.retry_due()
