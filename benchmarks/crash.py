@@ -44,7 +44,6 @@ import collections
 import contextlib
 import enum
 import functools
-import json
 import os
 import random
 import shlex
@@ -52,7 +51,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -62,6 +61,7 @@ from parall_bridge.models import TextContent
 from parall_bridge.protocol import FRAME_MESSAGE_NEW
 from parall_bridge.testing import AgentAccount, FakeParallServer
 
+from ._common import JsonLines, cancelled_on_sigterm
 from .crash_runtime import ENV_TURN_LOG, REPLY_PREFIX
 
 __all__ = ["CrashReport", "crash_soak", "main"]
@@ -286,24 +286,11 @@ class _TurnLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.records: dict[tuple[int, int], _TurnRecord] = {}
-        self._offset = 0
-        self._partial = b""
+        self._lines = JsonLines(path)
 
     def refresh(self) -> dict[tuple[int, int], _TurnRecord]:
         """Read what was appended since the last call; return every turn seen so far."""
-        try:
-            with self.path.open("rb") as log:
-                log.seek(self._offset)
-                data = log.read()
-        except FileNotFoundError:
-            return self.records
-        self._offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            try:
-                entry: dict[str, Any] = json.loads(line)
-            except ValueError:
-                continue  # cannot happen with one write per line; never fatal anyway
+        for entry in self._lines.read_new():
             ident = (int(entry["pid"]), int(entry["seq"]))
             record = self.records.setdefault(
                 ident, _TurnRecord(ident[0], ident[1], list(entry["keys"]), entry.get("turn_id"))
@@ -625,18 +612,6 @@ async def crash_soak(
     return report
 
 
-async def _cancelled_on_sigterm(soak: Coroutine[Any, Any, CrashReport]) -> CrashReport:
-    """Run ``soak``, cancelled by SIGTERM as by SIGINT, so its child is killed and reaped."""
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    if task is not None:
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        return await soak
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the crash soak and print its report; exit 1 if an event got a second reply,
     was lost, or was acked without a turn."""
@@ -681,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir=args.workdir,
     )
     try:
-        report = asyncio.run(_cancelled_on_sigterm(soak))
+        report = asyncio.run(cancelled_on_sigterm(soak))
     except (asyncio.CancelledError, KeyboardInterrupt):
         sys.stderr.write("crash soak interrupted (its child was killed)\n")
         return 1

@@ -50,13 +50,10 @@ import json
 import logging
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -73,6 +70,7 @@ from parall_bridge import (
     Turn,
 )
 
+from ._common import run_meta
 from .perf import Figure, Goal, PerfReport, _number, _percentile, _status_mib
 from .perf_emulator import ROOT, EmulatorProcess, raise_fd_limit
 
@@ -470,38 +468,8 @@ def _by_second(posts: Sequence[Sequence[Any]], latencies: Sequence[float]) -> li
 # --- the run -----------------------------------------------------------------------------------
 
 
-def _meta(quick: bool, sizes: FleetSizes) -> dict[str, Any]:
-    def git(*args: str) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            done = subprocess.run(  # noqa: S603 - a fixed git command, no shell
-                ["git", *args],  # noqa: S607 - git from PATH, as make finds it
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            )
-            return done.stdout.strip()
-        return "unknown"
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "quick": quick,
-        "sizes": attrs.asdict(sizes),
-        "round_trip": ROUND_TRIP,
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+def _meta(quick: bool, sizes: FleetSizes, **extra: Any) -> dict[str, Any]:
+    return run_meta(quick, sizes, round_trip=ROUND_TRIP, **extra)
 
 
 def _figures(

@@ -55,7 +55,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -66,6 +66,7 @@ from parall_bridge.models import TextContent
 from parall_bridge.testing import FakeParallServer
 from parall_bridge.testing.postgres import PostgresServer
 
+from ._common import JsonLines, cancelled_on_sigterm
 from .crash_runtime import REPLY_PREFIX
 from .fleet_soak_worker import ENV_STORE_DSN, ENV_TURN_LOG
 
@@ -112,24 +113,11 @@ class _TurnLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.records: dict[tuple[int, int, int], _TurnRecord] = {}  # (pid, run, seq)
-        self._offset = 0
-        self._partial = b""
+        self._lines = JsonLines(path)
 
     def refresh(self) -> dict[tuple[int, int, int], _TurnRecord]:
         """Read what was appended since the last call; return every turn seen so far."""
-        try:
-            with self.path.open("rb") as log:
-                log.seek(self._offset)
-                data = log.read()
-        except FileNotFoundError:
-            return self.records
-        self._offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            try:
-                entry: dict[str, Any] = json.loads(line)
-            except ValueError:
-                continue  # cannot happen with one write per line; never fatal anyway
+        for entry in self._lines.read_new():
             ident = (int(entry["pid"]), int(entry["run"]), int(entry["seq"]))
             record = self.records.setdefault(
                 ident, _TurnRecord(ident[0], str(entry["account"]), list(entry["keys"]))
@@ -812,19 +800,6 @@ async def _sample(leases: _Leases, conn: Any) -> None:
     await leases.run()
 
 
-async def _cancelled_on_sigterm(soak: Coroutine[Any, Any, FleetSoakReport]) -> FleetSoakReport:
-    """Run ``soak``, cancelled by SIGTERM as by SIGINT, so its processes are killed and
-    its cluster stopped."""
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    if task is not None:
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        return await soak
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the fleet soak and print its report; exit 1 if a message got a second reply,
     was lost, or was acked without a turn."""
@@ -853,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir=args.workdir,
     )
     try:
-        report = asyncio.run(_cancelled_on_sigterm(soak))
+        report = asyncio.run(cancelled_on_sigterm(soak))
     except (asyncio.CancelledError, KeyboardInterrupt):
         sys.stderr.write("fleet soak interrupted (its processes were killed)\n")
         return 1

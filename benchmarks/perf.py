@@ -41,17 +41,13 @@ import contextlib
 import gc
 import json
 import logging
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -75,7 +71,8 @@ from parall_bridge import (
 )
 from parall_bridge.models import TextContent
 
-from .perf_emulator import ROOT, EmulatorProcess
+from ._common import run_meta
+from .perf_emulator import EmulatorProcess
 
 __all__ = [
     "BENCHMARKS",
@@ -1042,37 +1039,7 @@ async def burst(emulator: EmulatorProcess, count: int) -> tuple[list[Figure], di
 
 
 def _meta(quick: bool, sizes: Sizes) -> dict[str, Any]:
-    def git(*args: str) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            done = subprocess.run(  # noqa: S603 - a fixed git command, no shell
-                ["git", *args],  # noqa: S607 - git from PATH, as make finds it
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            )
-            return done.stdout.strip()
-        return "unknown"
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "quick": quick,
-        "sizes": attrs.asdict(sizes),
-        "round_trips": {"fast": FAST, "slow": SLOW},
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    return run_meta(quick, sizes, round_trips={"fast": FAST, "slow": SLOW})
 
 
 async def run_perf(
