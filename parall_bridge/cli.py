@@ -431,8 +431,9 @@ async def run_fleet(
         for config in configs:
             where = config.state_path or "in memory"
             out(f"account {config.account_id}: state {where}")
-    freezer = (
-        asyncio.get_running_loop().create_task(_freeze_gc_when_ready(fleet), name="fleet-gc")
+    freezer = _GcFreezer(fleet)
+    freezing = (
+        asyncio.get_running_loop().create_task(freezer.run(), name="fleet-gc")
         if freeze_gc
         else None
     )
@@ -442,10 +443,10 @@ async def run_fleet(
         out(f"the shared store failed: {exc}")
         return EXIT_FAILED
     finally:
-        if freezer is not None:
-            freezer.cancel()
-            await asyncio.gather(freezer, return_exceptions=True)
-            if freezer.done() and not freezer.cancelled() and freezer.exception() is None:
+        if freezing is not None:
+            freezing.cancel()
+            await asyncio.gather(freezing, return_exceptions=True)
+            if freezer.frozen:
                 gc.unfreeze()  # the fleet's objects are garbage now
     status = EXIT_OK
     for account_id, account in fleet.stats()["accounts"].items():
@@ -455,12 +456,36 @@ async def run_fleet(
     return status
 
 
-async def _freeze_gc_when_ready(fleet: GatewayFleet) -> None:
-    """Once every account of ``fleet`` is ready: collect, then ``gc.freeze()`` what
-    survived (the accounts' long-lived objects), out of every later collection."""
-    await fleet.wait_ready()
-    gc.collect()
-    gc.freeze()
+REFREEZE_EVERY: Final = 5.0
+"""Seconds between two looks of ``run_fleet`` at how many accounts run (to freeze the
+collector again over the ones that started since: a process joining a shared store's
+fleet holds none when it is first ready)."""
+
+
+class _GcFreezer:
+    """Freezes the collector over a fleet's accounts (see :func:`run_fleet`)."""
+
+    def __init__(self, fleet: GatewayFleet) -> None:
+        self._fleet = fleet
+        self.frozen = False  # gc.freeze() was called: unfreeze at the end
+
+    async def run(self) -> None:
+        """Once every account is ready: collect, then ``gc.freeze()`` what survived (the
+        accounts' long-lived objects), out of every later collection; and again whenever
+        more accounts run than at the last freeze and all are ready (accounts handed over
+        by another process, added ones)."""
+        fleet = self._fleet
+        await fleet.wait_ready()
+        frozen_at = -1
+        while True:
+            running = fleet.stats()["totals"]["running"]
+            if running > frozen_at:
+                gc.collect()
+                gc.freeze()
+                self.frozen = True
+                frozen_at = running
+            await asyncio.sleep(REFREEZE_EVERY)
+            await fleet.wait_ready()
 
 
 def _environment_help(*, state: bool) -> str:

@@ -458,6 +458,8 @@ class GatewayFleet:
             finally:
                 await self._runners.cancel()
                 await renewing.cancel()
+                if store is not None:
+                    await self._release_leftovers(store)
                 await self._connector.close()
                 if store is not None:
                     await store.close()
@@ -899,9 +901,14 @@ class GatewayFleet:
             key=lambda a: a.rank(store.holder),
         )
         elsewhere = await store.held_by_others() if wanted > 0 and waiting else set()
+        loop = asyncio.get_running_loop()
+        beat_at = loop.time()
         for account in waiting:
             if self._stopping or account.removed:
                 break
+            if loop.time() - beat_at >= lasts / 3:  # a long look: stay counted
+                await store.heartbeat(self._fleet_name, self._capacity, lasts=lasts)
+                beat_at = loop.time()
             key = account.lease_key()
             if key is not None and key in elsewhere:
                 if account.reason != HELD_ELSEWHERE:
@@ -982,6 +989,18 @@ class GatewayFleet:
             await client.close()
         account.agent_id = me.id
         return True
+
+    async def _release_leftovers(self, store: PostgresStateStore) -> None:
+        """Last: no account runs here any more, so any lease this process still holds
+        (taken as the shutdown began, its look cancelled before it ran) is released now,
+        not after its time to live."""
+        try:
+            released = await store.release_all_leases()
+        except StateStoreError as exc:
+            _log.warning("leases left to expire: %s", str(exc))
+            return
+        if released:
+            _log.info("released %d lease(s) taken as the fleet stopped", released)
 
     async def _leave(self, store: PostgresStateStore) -> None:
         """At the start of the shutdown: delete this process's heartbeat row, so the

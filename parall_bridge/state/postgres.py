@@ -230,6 +230,8 @@ _FORGET_GONE = """DELETE FROM parall_bridge.processes
 _LIVE_PROCESSES = """SELECT capacity FROM parall_bridge.processes
     WHERE fleet = $1 AND expires_at > clock_timestamp() ORDER BY holder"""
 _LEAVE = "DELETE FROM parall_bridge.processes WHERE holder = $1"
+_RELEASE_ALL = """UPDATE parall_bridge.leases SET expires_at = clock_timestamp()
+    WHERE holder = $1 AND expires_at > clock_timestamp()"""
 _HELD_BY_OTHERS = """SELECT parall_url, org_id, agent_id FROM parall_bridge.leases
     WHERE holder <> $1 AND expires_at > clock_timestamp()"""
 _RELEASE_LEASE = """UPDATE parall_bridge.leases SET expires_at = clock_timestamp()
@@ -512,6 +514,8 @@ class PostgresStateStore(StateStore):
 
     def _renewed(self, renewed: Lease, asked: float) -> None:
         current = self._lease
+        if self._deadline == -math.inf:
+            return  # released meanwhile (a renewal in flight must not revive it here)
         if current is not None and current.key == renewed.key and current.epoch == renewed.epoch:
             self._lease = renewed
             self._deadline = asked + self._lease_ttl
@@ -593,6 +597,19 @@ class PostgresStateStore(StateStore):
         async with self._errors("list leases"), self._lease_connection() as conn:
             rows = await conn.fetch(_HELD_BY_OTHERS, self._holder)
         return {(row["parall_url"], row["org_id"], row["agent_id"]) for row in rows}
+
+    async def release_all_leases(self) -> int:
+        """Release every live lease of this holder (its views' included): what a fleet
+        does last, once none of its accounts runs any more, so that a lease taken as the
+        shutdown began (and never run) does not wait out its time to live. Returns how
+        many were released.
+
+        Raises:
+            StateStoreError: the store is not open, or the database failed.
+        """
+        async with self._errors("release leases"), self._lease_connection() as conn:
+            done = await conn.execute(_RELEASE_ALL, self._holder)
+        return int(done.rsplit(" ", 1)[-1]) if done.startswith("UPDATE") else 0
 
     async def leave(self) -> None:
         """Delete this holder's process row: the other processes count one fewer at their

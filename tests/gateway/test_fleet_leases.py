@@ -530,3 +530,68 @@ async def test_a_rolling_stop_moves_an_idle_account_while_a_busy_one_finishes(
         assert moved_after < 15.0
     finally:
         hang.set()
+
+
+@pytest.mark.asyncio
+async def test_a_lease_taken_as_the_fleet_stops_is_released_at_the_end(
+    postgres_dsn: str, accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The look is cancelled at shutdown while a take awaits its answer (committed on the
+    server): the fleet releases that lease at the end, instead of leaving it live for its
+    time to live with no process running the account."""
+    real_acquire = PostgresStateStore.acquire_lease
+    in_take = asyncio.Event()
+    never = asyncio.Event()
+
+    async def slow_answer(self: PostgresStateStore, *key: str) -> Any:
+        lease = await real_acquire(self, *key)  # committed on the server
+        in_take.set()
+        await never.wait()  # the answer on its way (a slow network, a busy pool)
+        return lease
+
+    monkeypatch.setattr(PostgresStateStore, "acquire_lease", slow_answer)
+    proc = Process(postgres_dsn, "p1", accounts, [accounts.add("a")], lease_ttl=30.0)
+    async with processes(proc):
+        await asyncio.wait_for(in_take.wait(), 15.0)
+        assert set((await live_leases(postgres_dsn)).values()) == {"p1"}
+        proc.abort.set()
+    assert await live_leases(postgres_dsn) == {}
+
+
+@pytest.mark.asyncio
+async def test_run_fleet_freezes_the_collector_again_as_accounts_are_handed_over(
+    postgres_dsn: str, accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process joining a shared store's fleet is ready holding nothing: the accounts
+    handed over to it later are frozen too."""
+    import gc
+
+    from parall_bridge import cli
+
+    freezes: list[int] = []
+    monkeypatch.setattr(gc, "freeze", lambda: freezes.append(1))
+    monkeypatch.setattr(gc, "unfreeze", lambda: None)
+    monkeypatch.setattr(cli, "REFREEZE_EVERY", 0.05)
+    configs = [accounts.add(name) for name in ("a", "b")]
+    first = Process(postgres_dsn, "p1", accounts, configs)
+    stop = asyncio.Event()
+    lines: list[str] = []
+    async with processes(first):
+        await asyncio.wait_for(first.fleet.wait_ready(), 15.0)
+        assert first.holding() == {"a", "b"}
+        joining = asyncio.get_running_loop().create_task(
+            run_fleet(
+                configs,
+                accounts.runtime_factory,
+                stop=stop,
+                out=lines.append,
+                store=PostgresStateStore(postgres_dsn, lease_ttl=TTL, holder="p2"),
+            )
+        )
+        try:
+            await until(accounts, lambda: len(freezes) == 1)  # ready, holding none
+            await until(accounts, lambda: len(first.holding()) == 1)
+            await until(accounts, lambda: len(freezes) == 2)  # the account handed over
+        finally:
+            stop.set()
+            assert await asyncio.wait_for(joining, 30.0) == 0

@@ -616,3 +616,35 @@ async def test_the_store_refuses_bad_settings() -> None:
     for kwargs in ({"pool_size": 0}, {"pool_size": True}, {"op_timeout": 0.0}):
         with pytest.raises(ValueError, match="must be a positive"):
             PostgresStateStore("postgresql://x@/db", **kwargs)
+
+
+@pytest.mark.asyncio
+async def test_a_renewal_answered_after_a_release_does_not_revive_the_lease_here(
+    postgres_dsn: str,
+) -> None:
+    async with PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="p1") as store:
+        lease = await store.acquire_lease(*ADA_KEY)
+        assert lease is not None
+        await store.release_lease(lease)
+        store._renewed(lease, asked=0.0)  # a renewal in flight, answered after the release
+        with pytest.raises(LeaseLost):
+            store.check_held()
+
+
+@pytest.mark.asyncio
+async def test_release_all_leases_releases_every_live_lease_of_the_holder(
+    postgres_dsn: str,
+) -> None:
+    async with (
+        PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="p1") as parent,
+        PostgresStateStore(postgres_dsn, lease_ttl=30.0, holder="p2") as other,
+    ):
+        ada, bob = parent.view(), parent.view()
+        for view in (ada, bob):
+            await view.open()
+        assert await ada.acquire_lease(*ADA_KEY) is not None
+        assert await other.acquire_lease(*BOB_KEY) is not None
+        assert await parent.release_all_leases() == 1
+        assert await parent.release_all_leases() == 0
+        assert await other.held_by_others() == set()
+        assert await parent.held_by_others() == {BOB_KEY}
