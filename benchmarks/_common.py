@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import platform
 import signal
 import subprocess
-from collections.abc import Coroutine
+import sys
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -100,3 +102,46 @@ class JsonLines:
             except ValueError:
                 continue  # cannot happen with one write per line; never fatal anyway
         return entries
+
+
+def say(text: str) -> None:
+    """A line of a benchmark's progress or report, on stdout at once."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def library_warnings_to(path: str | Path) -> Iterator[None]:
+    """The library's warnings (a full writer queue warns once per step it drops) go to a
+    file while the block runs: they cost what they cost, without flooding the terminal."""
+    handler = logging.FileHandler(path, mode="w")
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    library = logging.getLogger("parall_bridge")
+    library.addHandler(handler)
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        handler.close()
+
+
+def run_heading(meta: dict[str, Any], quick: bool) -> str:
+    """The report's first line: the kind of run, the commit, Python, the CPU, the time."""
+    return (
+        f"{'quick run' if quick else 'full run'} at {meta['commit']}"
+        f"{' (dirty)' if meta['dirty'] else ''}, Python {meta['python']}, {meta['cpu']}"
+        f" x{meta['cores']}, {meta['seconds']:.0f} s"
+    )
+
+
+async def wait_until(predicate: Callable[[], bool], within: float, every: float) -> bool:
+    """Poll ``predicate`` every ``every`` seconds until it holds (``True``) or ``within``
+    seconds passed (``False``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(every)
+    return True

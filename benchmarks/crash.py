@@ -61,7 +61,7 @@ from parall_bridge.models import TextContent
 from parall_bridge.protocol import FRAME_MESSAGE_NEW
 from parall_bridge.testing import AgentAccount, FakeParallServer
 
-from ._common import JsonLines, cancelled_on_sigterm
+from ._common import JsonLines, cancelled_on_sigterm, wait_until
 from .crash_runtime import ENV_TURN_LOG, REPLY_PREFIX
 
 __all__ = ["CrashReport", "crash_soak", "main"]
@@ -271,13 +271,7 @@ async def _wait_until(
     predicate: Callable[[], bool], within: float, every: float = POLL_INTERVAL
 ) -> bool:
     """Poll ``predicate`` until it holds (True) or ``within`` seconds passed (False)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(every)
-    return True
+    return await wait_until(predicate, within, every)
 
 
 class _TurnLog:

@@ -70,7 +70,7 @@ from parall_bridge import (
     Turn,
 )
 
-from ._common import run_meta
+from ._common import library_warnings_to, run_heading, run_meta, say
 from .perf import Figure, Goal, PerfReport, _number, _percentile, _status_mib
 from .perf_emulator import ROOT, EmulatorProcess, raise_fd_limit
 
@@ -696,30 +696,13 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.json, args.log):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
-    def say(text: str) -> None:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-
-    handler = logging.FileHandler(args.log, mode="w")
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    library = logging.getLogger("parall_bridge")
-    library.addHandler(handler)
-    try:
+    with library_warnings_to(args.log):
         report = asyncio.run(
             run_fleet(sizes, quick=args.quick, gc_freeze=args.gc_freeze, progress=say)
         )
-    finally:
-        library.removeHandler(handler)
-        handler.close()
     meta = report.meta
     say("")
-    say(
-        f"{'quick run' if report.quick else 'full run'} at {meta['commit']}"
-        f"{' (dirty)' if meta['dirty'] else ''}, Python {meta['python']}, {meta['cpu']}"
-        f" x{meta['cores']}, {meta['seconds']:.0f} s"
-        f"{', gc.freeze() once ready' if meta['gc_freeze'] else ''}"
-    )
+    say(run_heading(meta, report.quick) + (", gc.freeze() once ready" if meta["gc_freeze"] else ""))
     for line in report.table():
         say(line)
     ulimit = report.figure("fleet_ulimit").ours

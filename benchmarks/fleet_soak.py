@@ -66,7 +66,7 @@ from parall_bridge.models import TextContent
 from parall_bridge.testing import FakeParallServer
 from parall_bridge.testing.postgres import PostgresServer
 
-from ._common import JsonLines, cancelled_on_sigterm
+from ._common import JsonLines, cancelled_on_sigterm, wait_until
 from .crash_runtime import REPLY_PREFIX
 from .fleet_soak_worker import ENV_STORE_DSN, ENV_TURN_LOG
 
@@ -313,13 +313,7 @@ async def _wait_until(
     predicate: Callable[[], bool], within: float, every: float = POLL_INTERVAL
 ) -> bool:
     """Poll ``predicate`` until it holds (True) or ``within`` seconds passed (False)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(every)
-    return True
+    return await wait_until(predicate, within, every)
 
 
 @attrs.define

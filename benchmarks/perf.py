@@ -71,7 +71,7 @@ from parall_bridge import (
 )
 from parall_bridge.models import TextContent
 
-from ._common import run_meta
+from ._common import library_warnings_to, run_heading, run_meta, say
 from .perf_emulator import EmulatorProcess
 
 __all__ = [
@@ -1174,18 +1174,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.json, args.log):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
-    def say(text: str) -> None:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-
-    # The library's warnings (a full writer queue warns once per step it drops) go to a
-    # file: they cost what they cost, without flooding the terminal.
-    handler = logging.FileHandler(args.log, mode="w")
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    library = logging.getLogger("parall_bridge")
-    library.addHandler(handler)
-    try:
+    with library_warnings_to(args.log):
         report = asyncio.run(
             run_perf(
                 quick=args.quick,
@@ -1194,16 +1183,9 @@ def main(argv: list[str] | None = None) -> int:
                 progress=say,
             )
         )
-    finally:
-        library.removeHandler(handler)
-        handler.close()
     meta = report.meta
     say("")
-    say(
-        f"{'quick run' if report.quick else 'full run'} at {meta['commit']}"
-        f"{' (dirty)' if meta['dirty'] else ''}, Python {meta['python']}, {meta['cpu']}"
-        f" x{meta['cores']}, {meta['seconds']:.0f} s"
-    )
+    say(run_heading(meta, report.quick))
     for line in report.table():
         say(line)
     if "rss" in report.details:
