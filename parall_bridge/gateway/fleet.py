@@ -856,9 +856,7 @@ class GatewayFleet:
                     account.account_id,
                     LEASE_LOST,
                 )
-                reason = f"{LEASE_LOST} (not renewed in time, or taken over)"
-                account.stop("not_held", reason)
-                self._set(account, "not_held", reason)  # already: its shutdown is under way
+                self._lose(account, f"{LEASE_LOST} (not renewed in time, or taken over)")
 
     def _expire_unrenewed(self) -> None:
         """The store does not answer: stop the accounts whose lease may have expired by
@@ -871,9 +869,13 @@ class GatewayFleet:
             try:
                 view.check_held()
             except LeaseLost:
-                reason = f"{LEASE_LOST} (the store did not answer)"
-                account.stop("not_held", reason)
-                self._set(account, "not_held", reason)
+                self._lose(account, f"{LEASE_LOST} (the store did not answer)")
+
+    def _lose(self, account: _Account, reason: str) -> None:
+        """A held account's lease is lost: stop its gateway, and show it ``not_held`` at
+        once (its shutdown is under way, and another process may run it already)."""
+        account.stop("not_held", reason)
+        self._set(account, "not_held", reason)
 
     def _share(self, capacities: list[int | None]) -> int:
         """This process's share of the accounts: the least level that the live processes,
@@ -885,15 +887,13 @@ class GatewayFleet:
     async def _balance(self, store: PostgresStateStore, *, lasts: float) -> None:
         """One look: heartbeat, then hand the surplus over or take free leases."""
         capacities = await store.heartbeat(self._fleet_name, self._capacity, lasts=lasts)
-        if self._capacity not in capacities:
-            capacities.append(self._capacity)  # (its row expired and was just written)
         if len(capacities) != self._live_processes:
             _log.info("%d fleet process(es) share the accounts", len(capacities))
             self._live_processes = len(capacities)
         share = self._share(capacities)
         held = [a for a in self._held() if not a.abort.is_set()]
         if len(held) > share:
-            self._hand_over(held, len(held) - share, share)
+            self._hand_over(held, len(held) - share, share, store.holder)
             return
         wanted = share - len(held)
         waiting = sorted(
@@ -921,14 +921,15 @@ class GatewayFleet:
             if await self._take(account):
                 wanted -= 1
 
-    def _hand_over(self, held: list[_Account], surplus: int, share: int) -> None:
-        """Let ``surplus`` accounts go to other processes, idle ones first."""
+    def _hand_over(self, held: list[_Account], surplus: int, share: int, holder: str) -> None:
+        """Let ``surplus`` accounts go to other processes, idle ones first (then those
+        ``holder`` prefers least)."""
 
         def busy(account: _Account) -> tuple[int, str]:
             gateway = account.gateway
             stats = gateway.stats() if gateway is not None else None
             load = (stats.active_turns + stats.queued) if stats is not None else 0
-            return (load, account.rank(self._store.holder if self._store else ""))
+            return (load, account.rank(holder))
 
         for account in sorted(held, key=busy)[:surplus]:
             account.log.info(

@@ -162,24 +162,6 @@ async def test_a_fleet_on_a_shared_store_takes_every_lease_runs_and_releases_the
 
 
 @pytest.mark.asyncio
-async def test_an_unreachable_store_fails_the_fleet_start(
-    postgres_dsn: str, accounts: Accounts
-) -> None:
-    nowhere = postgres_dsn.replace("host=", "host=/nonexistent")
-    fleet = GatewayFleet(
-        [accounts.add("a")],
-        accounts.runtime_factory,
-        store=PostgresStateStore(nowhere, op_timeout=2.0),
-    )
-    with pytest.raises(StateStoreError, match="open failed"):
-        await fleet.start(asyncio.Event())
-    assert accounts.runtimes == {}
-
-
-# --- several processes -----------------------------------------------------------------------
-
-
-@pytest.mark.asyncio
 async def test_a_joining_process_gets_its_fair_share_handed_over(
     postgres_dsn: str, accounts: Accounts
 ) -> None:
@@ -412,7 +394,7 @@ async def test_a_restart_after_a_transient_failure_keeps_the_lease(
 
 
 @pytest.mark.asyncio
-async def test_wait_ready_returns_when_the_fleet_could_not_start_or_stopped_at_once(
+async def test_an_unreachable_store_fails_the_start_and_wait_ready_returns_after_any_end(
     postgres_dsn: str, accounts: Accounts
 ) -> None:
     nowhere = postgres_dsn.replace("host=", "host=/nonexistent")
@@ -423,9 +405,10 @@ async def test_wait_ready_returns_when_the_fleet_could_not_start_or_stopped_at_o
     )
     start = asyncio.get_running_loop().create_task(broken.start(asyncio.Event()))
     waiter = asyncio.get_running_loop().create_task(broken.wait_ready())
-    with pytest.raises(StateStoreError):
+    with pytest.raises(StateStoreError, match="open failed"):
         await start
     await asyncio.wait_for(waiter, 5.0)
+    assert accounts.runtimes == {}  # nothing ran
     aborted = asyncio.Event()
     aborted.set()
     quick = GatewayFleet(
