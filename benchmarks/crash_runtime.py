@@ -56,6 +56,11 @@ class CrashRuntime(AgentRuntime):
         line = json.dumps(record, separators=(",", ":")) + "\n"
         os.write(self._fd, line.encode())
 
+    def _fields(self, turn: Turn) -> dict[str, Any]:
+        """What a turn's log lines carry besides the process, the turn's number and its
+        events' keys."""
+        return {"turn_id": getattr(turn, "turn_id", None)}
+
     async def run_turn(self, turn: Turn) -> str | None:
         self._seq += 1
         keys = [event.key for event in turn.events]
@@ -63,7 +68,7 @@ class CrashRuntime(AgentRuntime):
             "pid": os.getpid(),
             "seq": self._seq,
             "keys": keys,
-            "turn_id": getattr(turn, "turn_id", None),
+            **self._fields(turn),
         }
         self._log({**base, "mark": "start", "t": time.time()})
         outcome = "error"

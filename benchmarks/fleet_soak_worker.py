@@ -29,17 +29,15 @@ import itertools
 import json
 import logging
 import os
-import random
 import signal
 import sys
-import time
 from typing import Any, Final
 
-from parall_bridge import AgentRuntime, GatewayFleet, Turn
+from parall_bridge import GatewayFleet, Turn
 from parall_bridge.gateway.accounts import load_accounts
 from parall_bridge.state import PostgresStateStore
 
-from .crash_runtime import MAX_MODEL_DELAY, reply_text
+from .crash_runtime import CrashRuntime
 
 __all__ = ["ENV_STORE_DSN", "ENV_TURN_LOG", "SoakRuntime", "main"]
 
@@ -68,40 +66,22 @@ def _log_turn(record: dict[str, Any]) -> None:
     os.write(_FD[0], line.encode())
 
 
-class SoakRuntime(AgentRuntime):
-    """One account's runtime: replies once per turn and journals each turn's start and
-    end to the turn log, with its process, account, runtime (``run``: unique in the
-    process) and turn (``seq``: from 1 in each runtime)."""
+class SoakRuntime(CrashRuntime):
+    """One account's runtime: the crash soak's (one reply per turn, each turn's start and
+    end journaled), its lines in the turn log shared by every account of the process, with
+    the account and the runtime (``run``: unique in the process; ``seq`` counts from 1 in
+    each runtime)."""
 
     def __init__(self, account_id: str) -> None:
+        super().__init__()
         self._account_id = account_id
         self._run = next(_RUNTIMES)
-        self._seq = 0
-        self._rng = random.Random()
 
-    async def run_turn(self, turn: Turn) -> str | None:
-        self._seq += 1
-        keys = [event.key for event in turn.events]
-        base: dict[str, Any] = {
-            "pid": os.getpid(),
-            "account": self._account_id,
-            "run": self._run,
-            "seq": self._seq,
-            "keys": keys,
-        }
-        _log_turn({**base, "mark": "start", "t": time.time()})
-        outcome = "error"
-        try:
-            await asyncio.sleep(self._rng.uniform(0.0, MAX_MODEL_DELAY))  # the model at work
-            if turn.chat_id:
-                await turn.send_message(reply_text(keys))
-            outcome = "ok"
-            return "ok"
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            _log_turn({**base, "mark": "end", "outcome": outcome, "t": time.time()})
+    def _fields(self, turn: Turn) -> dict[str, Any]:
+        return {"account": self._account_id, "run": self._run}
+
+    def _log(self, record: dict[str, Any]) -> None:
+        _log_turn(record)
 
 
 async def _watch_parent(parent: int, abort: asyncio.Event) -> None:
