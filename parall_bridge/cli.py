@@ -478,7 +478,7 @@ class _GcFreezer:
         await fleet.wait_ready()
         frozen_at = -1
         while True:
-            running = fleet.stats()["totals"]["running"]
+            running = fleet.count("running")  # (stats() would cost every account's)
             if running > frozen_at:
                 gc.collect()
                 gc.freeze()

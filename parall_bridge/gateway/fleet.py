@@ -496,6 +496,11 @@ class GatewayFleet:
                     totals[name] += getattr(gateway_stats, name)
         return FleetStats(accounts=accounts, totals=totals)
 
+    def count(self, state: AccountState) -> int:
+        """How many accounts are in ``state``: cheap, unlike :meth:`stats` (which takes
+        every account's gateway stats), for a host that looks often."""
+        return sum(1 for account in self._accounts.values() if account.state == state)
+
     async def add(self, config: GatewayConfig) -> None:
         """Add an account; while the fleet runs its gateway starts at once (with a shared
         store: once this process takes its lease), and this returns without waiting for

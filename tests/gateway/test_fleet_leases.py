@@ -203,6 +203,7 @@ async def test_capacity_caps_a_process_and_a_full_fleet_is_ready_holding_none(
         assert len(capped.holding()) == 1
         totals = capped.fleet.stats()["totals"]
         assert (totals["running"], totals["not_held"]) == (1, 2)
+        assert (capped.fleet.count("running"), capped.fleet.count("not_held")) == (1, 2)
         late = Process(postgres_dsn, "late", accounts, configs, capacity=3)
         async with processes(late):
             await until(accounts, lambda: len(late.holding()) == 2)
