@@ -11,7 +11,8 @@ same run where one makes sense:
   ``running``, in all and per account; against the same accounts each connecting a
   bare ``ParallClient`` and ``ParallWs`` (one shared connector), in a child process
   of its own (so that its memory, freed, is not reused unseen by the fleet);
-- RSS per account: VmRSS once every account is ready (after ``gc.collect()``) minus
+- RSS per account: VmRSS once every account is ready (after ``gc.collect()`` and
+  ``malloc_trim``: :func:`settled_rss_mib`) minus
   VmRSS just before the fleet started (imports, the runtime and the emulator's
   client already loaded), divided by the accounts; goal under 200 KiB; the bare
   connections' in the child, the same way;
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import gc
 import json
 import logging
@@ -128,6 +130,16 @@ def open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))
     except OSError:
         return -1
+
+
+def settled_rss_mib() -> float:
+    """This process's RSS in MiB once garbage is collected and the C allocator has handed
+    its free pages back to the system (glibc's ``malloc_trim``, where there is one), so
+    that memory freed by an earlier phase is not counted against the next."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+    return _status_mib("VmRSS")
 
 
 def recommended_ulimit(fds_per_account: float, accounts: int) -> int:
@@ -239,8 +251,7 @@ async def _bare(url: str, keys: Sequence[str]) -> dict[str, Any]:
     """Connect a bare ``ParallClient`` and ``ParallWs`` per key (one shared REST
     connector, as the fleet has), all at once: how long it took, and this process's
     RSS and open file descriptors before and after."""
-    gc.collect()
-    rss_before, fds_before = _status_mib("VmRSS"), open_fds()
+    rss_before, fds_before = settled_rss_mib(), open_fds()
     connector = aiohttp.TCPConnector(limit=0)
     clients = [ParallClient(url, key, connector=connector) for key in keys]
     sockets = [ParallWs(client.get_ws_ticket) for client in clients]
@@ -248,8 +259,7 @@ async def _bare(url: str, keys: Sequence[str]) -> dict[str, Any]:
         started = time.monotonic()
         await asyncio.gather(*(ws.connect() for ws in sockets))
         seconds = time.monotonic() - started
-        gc.collect()
-        rss_after, fds_after = _status_mib("VmRSS"), open_fds()
+        rss_after, fds_after = settled_rss_mib(), open_fds()
     finally:
         await asyncio.gather(*(ws.disconnect() for ws in sockets), return_exceptions=True)
         await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
@@ -371,8 +381,7 @@ async def _fleet(
     fleet = GatewayFleet(configs, lambda config: _FleetRuntime(config.account_id, turns))
     agent_ids = [agent for agent, _key, _chat in agents]
     out: dict[str, Any] = {"accounts": len(agents)}
-    gc.collect()
-    out["rss_before_mib"] = _status_mib("VmRSS")
+    out["rss_before_mib"] = settled_rss_mib()
     out["fds_before"] = open_fds()
     async with _FdSampler() as fds:
         started = time.monotonic()
@@ -387,8 +396,7 @@ async def _fleet(
                 if stats["state"] != "running"
             }
             out["startup_peak_fds"] = fds.peak
-            gc.collect()
-            out["rss_ready_mib"] = _status_mib("VmRSS")
+            out["rss_ready_mib"] = settled_rss_mib()
             out["fds_ready"] = open_fds()
             if gc_freeze:
                 gc.freeze()  # what a host can do once its accounts run: see the docs
@@ -422,8 +430,7 @@ async def _fleet(
             out["emulator_cpu_ms_per_event"] = emulator_cpu * 1000 / len(posts)
             out["traffic_seconds"] = time.monotonic() - traffic_started
             out["acked"], out["pending_after"] = acked["acked"], acked["pending"]
-            gc.collect()
-            out["rss_after_traffic_mib"] = _status_mib("VmRSS")
+            out["rss_after_traffic_mib"] = settled_rss_mib()
             out["fds_after_traffic"] = open_fds()
             out["fleet_totals"] = fleet.stats()["totals"]
             stopping = time.monotonic()
