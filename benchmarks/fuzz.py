@@ -94,6 +94,7 @@ from parall_bridge import protocol as p
 from parall_bridge.testing import AgentAccount, FakeParallServer
 from parall_bridge.ws import Backoff, ConnectionState
 
+from . import _common
 from .fuzz_cases import (
     GATEWAY_ENDPOINTS,
     REST_KINDS,
@@ -312,14 +313,8 @@ async def _probe_lag(report: FuzzReport) -> None:
 
 
 async def wait_until(predicate: Callable[[], bool], within: float) -> bool:
-    """Poll ``predicate`` until it holds (``True``) or ``within`` seconds pass (``False``)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(POLL)
-    return True
+    """:func:`benchmarks._common.wait_until`, polling every :data:`POLL` seconds."""
+    return await _common.wait_until(predicate, within, POLL)
 
 
 def peak_rss_kib() -> int:
